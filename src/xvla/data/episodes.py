@@ -1,0 +1,145 @@
+"""The `EpisodeDataset` protocol every on-disk format is read through, and `open_dataset` (format detection).
+
+A reader is read-only: it never writes into the dataset folder (no caches, no lock files), opens files on
+demand and only builds its episode index from metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+DatasetFormat = Literal["auto", "lerobot", "hdf5"]
+HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
+
+
+class DatasetError(ValueError):
+    """Bad or inconsistent dataset content; the message names the dataset, file, episode and frame."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        dataset: str | Path | None = None,
+        file: str | Path | None = None,
+        episode: int | None = None,
+        frame: int | None = None,
+    ) -> None:
+        where = [
+            f"{name} {value}"
+            for name, value in (("dataset", dataset), ("file", file), ("episode", episode), ("frame", frame))
+            if value is not None
+        ]
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        self.dataset, self.file, self.episode, self.frame = dataset, file, episode, frame
+
+
+@runtime_checkable
+class EpisodeDataset(Protocol):
+    """One dataset folder (or file), episode by episode."""
+
+    root: Path
+    fps: float
+    num_episodes: int
+    camera_keys: tuple[str, ...]
+    lowdim_keys: tuple[str, ...]
+
+    def episode_length(self, ep: int) -> int: ...
+
+    def episode_task(self, ep: int) -> str: ...
+
+    def read_lowdim(self, ep: int, key: str) -> np.ndarray:
+        """`[N, D]` float32 (float64 allowed) values of one low-dimensional feature for a whole episode."""
+        ...
+
+    def read_timestamps(self, ep: int) -> np.ndarray:
+        """`[N]` seconds from the episode start."""
+        ...
+
+    def read_frames(self, ep: int, camera: str, frames: Sequence[int]) -> np.ndarray:
+        """`[K, H, W, 3]` uint8 RGB frames at the given frame indices (any order, repeats allowed)."""
+        ...
+
+
+def check_episode(dataset: EpisodeDataset, ep: int) -> int:
+    """Validate an episode index; returns it as `int`."""
+    if not 0 <= int(ep) < dataset.num_episodes:
+        raise IndexError(f"episode {ep} out of range [0, {dataset.num_episodes}) in dataset {dataset.root}")
+    return int(ep)
+
+
+def check_frames(dataset: EpisodeDataset, ep: int, frames: Sequence[int]) -> np.ndarray:
+    """Validate frame indices of episode `ep`; returns them as `[K]` int64."""
+    idx = np.asarray(frames, dtype=np.int64).reshape(-1)
+    n = dataset.episode_length(ep)
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.size:
+        raise DatasetError(
+            f"frame index out of range [0, {n})", dataset=dataset.root, episode=ep, frame=int(bad[0])
+        )
+    return idx
+
+
+def check_finite(values: np.ndarray, *, key: str, dataset: Path, file: Path | str, episode: int) -> None:
+    """Raise a `DatasetError` naming the first frame of `values` `[N, D]` that holds a NaN or an infinity."""
+    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not finite.all():
+        frame = int(np.argmin(finite))
+        raise DatasetError(
+            f"non-finite value in {key!r}: {values[frame].tolist()}",
+            dataset=dataset,
+            file=file,
+            episode=episode,
+            frame=frame,
+        )
+
+
+def detect_format(path: str | Path) -> Literal["lerobot", "hdf5"]:
+    """Which reader handles `path`: a LeRobot folder (meta/info.json), an HDF5 file or a folder of them."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset path does not exist: {path}")
+    if path.is_file():
+        if path.suffix.lower() in HDF5_SUFFIXES:
+            return "hdf5"
+        raise DatasetError(f"unsupported dataset file (expected one of {HDF5_SUFFIXES})", dataset=path)
+    if (path / "meta" / "info.json").is_file():
+        return "lerobot"
+    if any(p.suffix.lower() in HDF5_SUFFIXES for p in path.iterdir() if p.is_file()):
+        return "hdf5"
+    raise DatasetError(
+        "cannot tell the dataset format: expected meta/info.json (LeRobot v2.1/v3.0) or *.hdf5 episode files",
+        dataset=path,
+    )
+
+
+def open_dataset(path: str | Path, format: DatasetFormat = "auto", **options: Any) -> EpisodeDataset:
+    """Open a dataset folder or file read-only.
+
+    `format`: "auto" (detect), "lerobot" (v2.1 or v3.0, told apart by meta/info.json) or "hdf5".
+    `options` go to the reader (e.g. `fps=` and `keys=` for HDF5 files that do not record them).
+    """
+    kind = detect_format(path) if format == "auto" else format
+    if kind == "lerobot":
+        from xvla.data.lerobot import LeRobotDataset
+
+        return LeRobotDataset(path, **options)
+    if kind == "hdf5":
+        from xvla.data.hdf5 import HDF5Dataset
+
+        return HDF5Dataset(path, **options)
+    raise ValueError(f"format must be one of 'auto', 'lerobot', 'hdf5', got {format!r}")
+
+
+def read_json(path: Path, *, dataset: Path) -> Any:
+    """Load a JSON file, turning a missing or corrupt file into a `DatasetError` that names it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise DatasetError("missing file", dataset=dataset, file=path) from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"corrupt JSON: {err}", dataset=dataset, file=path) from err
