@@ -1,0 +1,137 @@
+"""Atomic training checkpoints: `<output_dir>/checkpoints/step_XXXXXXXX/`.
+
+A checkpoint folder is a servable model (`config.json`, `model.safetensors`, tokenizer files, `sources.json`)
+plus `training_state/` (optimiser, scheduler, per-rank RNG and data-sampler state, trainer counters). It is
+written under a temporary name and renamed when complete, so a crash mid-write leaves the previous checkpoint
+as the latest one; `latest_checkpoint` never returns a partial folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+CHECKPOINTS = "checkpoints"
+STATE = "training_state"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = _STEP_RE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a training checkpoint folder (expected a name like step_00001000)")
+    return int(match.group(1))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+@contextmanager
+def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
+    """Yield a temporary folder that every rank writes into; it becomes `final` only when all ranks are done.
+
+    On an exception the temporary folder stays behind (and is cleared by the next save); `final` and the
+    older checkpoints are untouched.
+    """
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / STATE).mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    yield tmp
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. the final step after a resume): swap, then delete
+            old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, and stale temporary folders."""
+    root = Path(output_dir) / CHECKPOINTS
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    for tmp in root.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG streams (Python, NumPy, torch CPU and CUDA)."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rank_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
+    torch.save(state, folder / STATE / f"rank_{rank}.pt")
+
+
+def load_rank_state(checkpoint: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Per-rank state saved by `save_rank_state`; resuming needs the same number of processes."""
+    saved = sorted((checkpoint / STATE).glob("rank_*.pt"))
+    if len(saved) != world_size:
+        raise ValueError(
+            f"{checkpoint}: saved by {len(saved)} processes, resumed with {world_size}; exact resume needs the same "
+            "number of processes (start a new run from this checkpoint with model.checkpoint instead)"
+        )
+    return torch.load(checkpoint / STATE / f"rank_{rank}.pt", weights_only=False)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

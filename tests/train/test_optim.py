@@ -1,0 +1,56 @@
+"""Optimiser recipe: per-group learning rates, warm-up + cosine schedule, freezing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from xvla.train.config import OptimConfig
+from xvla.train.optim import build_optimizer, build_scheduler, check_groups, lr_factor, set_trainable
+
+
+def _groups() -> tuple[nn.Module, dict[str, list[nn.Parameter]]]:
+    model = nn.ModuleDict({n: nn.Linear(2, 2) for n in ("vlm", "transformer", "soft_prompts", "action_heads")})
+    return model, {n: list(m.parameters()) for n, m in model.items()}
+
+
+def test_group_lrs_follow_coefficients_and_schedule():
+    _, groups = _groups()
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    opt = build_optimizer(groups, cfg, on_cuda=False)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    sched = build_scheduler(opt, cfg, total_steps=110)
+    peak = {g["name"]: g["initial_lr"] for g in opt.param_groups}
+    assert peak == pytest.approx({"vlm": 1e-4, "transformer": 1e-3, "soft_prompts": 1e-4, "action_heads": 1e-3})
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay
+    assert lr_factor(110, total_steps=110, warmup_steps=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(60, total_steps=110, warmup_steps=10, min_ratio=0.1) == pytest.approx(0.55)
+    assert math.isclose(opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"], 0.1)
+
+
+def test_set_trainable_freezes_other_groups():
+    model, groups = _groups()
+    set_trainable(groups, ["soft_prompts", "action_heads"])
+    out = sum(m(torch.ones(1, 2)).sum() for m in model.values())
+    out.backward()
+    assert all(p.grad is None for p in groups["vlm"] + groups["transformer"])
+    assert all(p.grad is not None for p in groups["soft_prompts"] + groups["action_heads"])
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        set_trainable(groups, ["prompts"])
+
+
+def test_check_groups_finds_orphans():
+    model, groups = _groups()
+    del groups["vlm"]
+    with pytest.raises(ValueError, match="belong to no parameter group"):
+        check_groups(model, groups)
