@@ -32,7 +32,12 @@ def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(
         TrainConfig,
         tmp_path / "c.json",
-        ["optim.lr=3e-4", "optim.lr_scale.vlm=0.5", "checkpoint.ema_decay=0.99", "model.overrides.image_size=64"],
+        [
+            "optim.lr=3e-4",
+            "optim.lr_scale.vlm=0.5",
+            "checkpoint.ema_decay=0.99",
+            "model.overrides.image_size=64",
+        ],
     )
     assert cfg.steps == 3 and cfg.optim.lr == 3e-4 and cfg.optim.lr_scale.vlm == 0.5
     assert cfg.checkpoint.ema_decay == 0.99 and cfg.model.overrides == {"image_size": 64}

@@ -13,7 +13,9 @@ from xvla.train.optim import build_optimizer, build_scheduler, check_groups, lr_
 
 
 def _groups() -> tuple[nn.Module, dict[str, list[nn.Parameter]]]:
-    model = nn.ModuleDict({n: nn.Linear(2, 2) for n in ("vlm", "transformer", "soft_prompts", "action_heads")})
+    model = nn.ModuleDict(
+        {n: nn.Linear(2, 2) for n in ("vlm", "transformer", "soft_prompts", "action_heads")}
+    )
     return model, {n: list(m.parameters()) for n, m in model.items()}
 
 
@@ -24,15 +26,17 @@ def test_group_lrs_follow_coefficients_and_schedule():
     assert opt.defaults["betas"] == (0.9, 0.95)
     sched = build_scheduler(opt, cfg, total_steps=110)
     peak = {g["name"]: g["initial_lr"] for g in opt.param_groups}
-    assert peak == pytest.approx({"vlm": 1e-4, "transformer": 1e-3, "soft_prompts": 1e-4, "action_heads": 1e-3})
+    assert peak == pytest.approx(
+        {"vlm": 1e-4, "transformer": 1e-3, "soft_prompts": 1e-4, "action_heads": 1e-3}
+    )
     lrs = []
     for _ in range(110):
         lrs.append(opt.param_groups[1]["lr"])
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
-    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay
+    assert all(a <= b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))  # cosine decay
     assert lr_factor(110, total_steps=110, warmup_steps=10, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(60, total_steps=110, warmup_steps=10, min_ratio=0.1) == pytest.approx(0.55)
     assert math.isclose(opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"], 0.1)

@@ -91,7 +91,11 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG streams (Python, NumPy, torch CPU and CUDA)."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

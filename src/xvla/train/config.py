@@ -33,7 +33,8 @@ class ModelInit:
 
     preset: str = "tiny"  # a name in xvla.config presets; ignored when `checkpoint` is set
     checkpoint: str | None = None  # folder or hub id readable by XVLA.from_pretrained
-    overrides: dict[str, Any] = field(default_factory=dict)  # XVLAConfig fields for a preset (e.g. num_domains)
+    # XVLAConfig fields to change in a preset, dotted for nested ones: {"image_size": 64, "head.depth": 2}
+    overrides: dict[str, Any] = field(default_factory=dict)
     activation_checkpointing: bool = False  # recompute transformer blocks in backward (memory for compute)
 
 
@@ -65,7 +66,8 @@ class OptimConfig:
     lr_scale: GroupLR = field(default_factory=GroupLR)
     warmup_steps: int = 2000  # linear warm-up from 0, then cosine decay
     min_lr_ratio: float = 0.1  # floor of the cosine decay, relative to each group's peak
-    prompt_warmup_steps: int = 1000  # only soft prompts + action heads train (the rest frozen) before this step
+    # Before this step only soft prompts and action heads train; the rest is frozen (no gradients at all).
+    prompt_warmup_steps: int = 1000
     fused: bool | None = None  # fused AdamW; None = on CUDA only
 
 
@@ -128,7 +130,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{name}: invalid value {_get(self, name)!r}")
         if self.checkpoint.ema_decay is not None and not 0.0 < self.checkpoint.ema_decay < 1.0:
-            raise ConfigError(f"checkpoint.ema_decay: expected a value in (0, 1), got {self.checkpoint.ema_decay}")
+            raise ConfigError(
+                f"checkpoint.ema_decay: expected a value in (0, 1), got {self.checkpoint.ema_decay}"
+            )
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ class AdaptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init: str = "retrieval"  # "scratch", "retrieval", or the name of an existing domain to copy
     retrieval_batches: int = 4  # batches of new data per candidate domain when init = "retrieval"
-    mode: Literal["full", "lora", "prompt"] = "lora"  # stage 2: everything, LoRA adapters, or prompt+heads only
+    # Stage 2 trains everything ("full"), LoRA adapters + prompt + heads ("lora"), or prompt + heads ("prompt").
+    mode: Literal["full", "lora", "prompt"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -268,7 +273,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")

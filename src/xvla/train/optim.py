@@ -53,9 +53,13 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
-        return lr_factor(step, total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+        return lr_factor(
+            step, total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
