@@ -1,0 +1,127 @@
+"""Florence-2 encoder on transformers' native pieces: DaViT vision tower, multi-modal projector, BART encoder.
+
+Only the encoder side is built (the BART decoder and LM head are never used by X-VLA). Module names follow
+`transformers.Florence2Model` (`vision_tower`, `multi_modal_projector`, `language_model.encoder`), so native
+Florence-2 weights map 1:1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import BartConfig, Florence2Config
+from transformers.models.bart.modeling_bart import BartEncoder
+from transformers.models.florence2.modeling_florence2 import Florence2MultiModalProjector, Florence2VisionBackbone
+
+from xvla.config import XVLAConfig
+
+
+@dataclass
+class EncodedObservation:
+    """What the head attends to.
+
+    vlm_features [B, Nv+L, D]: primary view + text through the BART encoder.
+    aux_features [B, (V-1)*Nv, D]: auxiliary views (projected image tokens, zeros for missing views).
+    vlm_mask [B, Nv+L] / aux_mask [B, (V-1)*Nv]: bool key masks (None unless the masking options are on).
+    """
+
+    vlm_features: Tensor
+    aux_features: Tensor
+    vlm_mask: Tensor | None = None
+    aux_mask: Tensor | None = None
+
+
+def florence2_config(cfg: XVLAConfig) -> Florence2Config:
+    """The native transformers config for the encoder parts described by `cfg`."""
+    v, t = cfg.vision, cfg.text
+    vision = {
+        "embed_dim": list(v.embed_dim),
+        "num_heads": list(v.num_heads),
+        "num_groups": list(v.num_groups),
+        "depths": list(v.depths),
+        "window_size": v.window_size,
+        "patch_size": list(v.patch_size),
+        "patch_stride": list(v.patch_stride),
+        "patch_padding": list(v.patch_padding),
+        "patch_prenorm": list(v.patch_prenorm),
+        "drop_path_rate": v.drop_path_rate,
+        "mlp_ratio": v.mlp_ratio,
+        "projection_dim": t.d_model,  # image tokens share the text width
+        "max_position_embeddings": v.max_position_embeddings,
+        "max_temporal_embeddings": v.max_temporal_embeddings,
+    }
+    text = BartConfig(
+        vocab_size=t.vocab_size,
+        d_model=t.d_model,
+        encoder_layers=t.encoder_layers,
+        encoder_attention_heads=t.encoder_attention_heads,
+        encoder_ffn_dim=t.encoder_ffn_dim,
+        decoder_layers=t.encoder_layers,
+        decoder_attention_heads=t.encoder_attention_heads,
+        decoder_ffn_dim=t.encoder_ffn_dim,
+        max_position_embeddings=t.max_position_embeddings,
+        dropout=t.dropout,
+        attention_dropout=t.attention_dropout,
+        activation_dropout=t.activation_dropout,
+        activation_function=t.activation_function,
+        encoder_layerdrop=0.0,
+        scale_embedding=False,
+        pad_token_id=t.pad_token_id,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=t.eos_token_id,
+    )
+    return Florence2Config(vision_config=vision, text_config=text.to_dict())
+
+
+class FlorenceEncoder(nn.Module):
+    """Encodes views and instruction into the features the head attends to."""
+
+    def __init__(self, cfg: XVLAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        native = florence2_config(cfg)
+        self.vision_tower = Florence2VisionBackbone(native.vision_config)
+        self.multi_modal_projector = Florence2MultiModalProjector(native)
+        self.language_model = nn.ModuleDict({"encoder": BartEncoder(native.text_config)})
+
+    @property
+    def text_encoder(self) -> BartEncoder:
+        return self.language_model["encoder"]  # type: ignore[return-value]
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [N, 3, H, W] -> projected, normalised image tokens [N, Nv, D] (Nv = 1 + h*w)."""
+        feats = self.vision_tower(pixel_values).last_hidden_state  # [N, C, h, w]
+        return self.multi_modal_projector(feats)
+
+    def forward(
+        self, pixel_values: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> EncodedObservation:
+        """pixel_values [B, V, 3, H, W], image_mask [B, V] bool, input_ids [B, L], attention_mask [B, L]."""
+        b, v = pixel_values.shape[:2]
+        n_tok = self.cfg.tokens_per_view
+        d = self.cfg.text.d_model
+        flat_mask = image_mask.reshape(-1)
+        # Only existing views go through DaViT; missing views keep all-zero features (released behaviour).
+        valid = self.encode_images(pixel_values.flatten(0, 1)[flat_mask])
+        feats = valid.new_zeros(b * v, n_tok, d)
+        feats[flat_mask] = valid
+        feats = feats.view(b, v, n_tok, d)
+
+        text_embeds = self.text_encoder.embed_tokens(input_ids)
+        inputs_embeds = torch.cat([feats[:, 0], text_embeds.to(feats.dtype)], dim=1)
+        vlm_mask = aux_mask = None
+        if self.cfg.mask_text_padding or self.cfg.mask_missing_views:
+            view_keep = image_mask.bool() if self.cfg.mask_missing_views else torch.ones_like(image_mask, dtype=torch.bool)
+            text_keep = (
+                attention_mask.bool()
+                if self.cfg.mask_text_padding and attention_mask is not None
+                else torch.ones_like(input_ids, dtype=torch.bool)
+            )
+            vlm_mask = torch.cat([view_keep[:, :1].expand(-1, n_tok), text_keep], dim=1)
+            aux_mask = view_keep[:, 1:, None].expand(-1, -1, n_tok).reshape(b, -1)
+        vlm = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=vlm_mask).last_hidden_state
+        return EncodedObservation(
+            vlm_features=vlm, aux_features=feats[:, 1:].reshape(b, (v - 1) * n_tok, d), vlm_mask=vlm_mask, aux_mask=aux_mask
+        )
