@@ -84,20 +84,29 @@ def detect_layout(raw_config: dict[str, Any]) -> Layout:
     )
 
 
+def read_config(path: str | Path) -> XVLAConfig:
+    """XVLAConfig from a config.json of any supported layout."""
+    raw = json.loads(Path(path).read_text())
+    layout = detect_layout(raw)
+    if layout == "xvla":
+        return XVLAConfig.from_dict(raw)
+    return config_from_lerobot(raw) if layout == "lerobot" else config_from_authors(raw)
+
+
 def read_checkpoint(folder: Path) -> tuple[XVLAConfig, dict[str, Tensor], Layout]:
     """Config and state dict of a checkpoint folder, both converted to this package's layout."""
     cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint {folder}: missing {p.name}")
-    raw = json.loads(cfg_path.read_text())
-    layout = detect_layout(raw)
+    layout = detect_layout(json.loads(cfg_path.read_text()))
+    config = read_config(cfg_path)
     state = load_file(str(weights_path))  # read directly: LeRobot files lack the "format" metadata
-    if layout == "xvla":
-        return XVLAConfig.from_dict(raw), state, layout
     if layout == "lerobot":
-        return config_from_lerobot(raw), convert_vendored_state({_strip(k, "model.", weights_path): v for k, v in state.items()}), layout
-    return config_from_authors(raw), convert_vendored_state(state), layout
+        state = {_strip(k, "model.", weights_path): v for k, v in state.items()}
+    if layout != "xvla":
+        state = convert_vendored_state(state)
+    return config, state, layout
 
 
 def load_pretrained(
