@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,12 @@ EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 # Encoders in order of preference: (PyAV encoder, codec name LeRobot records, options). A GOP of 2 (LeRobot's
-# default) keeps random access cheap: any frame is at most one frame after a keyframe.
+# default) keeps random access cheap: any frame is at most one frame after a keyframe. No B-frames, so
+# that episodes concatenate with monotonic timestamps.
 VIDEO_ENCODERS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("libsvtav1", "av1", {"crf": "30", "g": "2", "preset": "12"}),
     ("libaom-av1", "av1", {"crf": "30", "g": "2", "cpu-used": "8", "row-mt": "1"}),
-    ("libx264", "h264", {"crf": "23", "g": "2", "preset": "veryfast"}),
+    ("libx264", "h264", {"crf": "23", "g": "2", "bf": "0", "preset": "veryfast"}),
     ("libopenh264", "h264", {"g": "2", "b": "2M"}),
     ("mpeg4", "mpeg4", {"g": "2", "qscale": "3"}),
 )
@@ -85,8 +87,8 @@ class _FileCursor:
             self.chunk_index, self.file_index = self.chunk_index + 1, 0
 
 
-class _VideoFile:
-    """One open mp4 that episodes are appended to; pts count frames (time base 1/fps)."""
+class _EpisodeVideo:
+    """One camera of the episode being recorded, encoded frame by frame into its own temporary mp4."""
 
     def __init__(self, path: Path, fps: int, height: int, width: int, encoder: tuple[str, str, dict]) -> None:
         import av
@@ -98,26 +100,55 @@ class _VideoFile:
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
         self.stream.options = dict(encoder[2])
         self.num_frames = 0
-        self.num_bytes = 0  # muxed so far; the encoder may still hold a few frames (lookahead)
 
-    def append(self, frames: list[np.ndarray]) -> None:
+    def add(self, img: np.ndarray) -> None:
         import av
 
-        for img in frames:
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = self.num_frames
-            self._mux(self.stream.encode(frame))
-            self.num_frames += 1
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        frame.pts = self.num_frames
+        self.container.mux(self.stream.encode(frame))
+        self.num_frames += 1
 
-    def _mux(self, packets: list) -> None:
-        self.num_bytes += sum(p.size for p in packets)
-        self.container.mux(packets)
+    def close(self, flush: bool = True) -> None:
+        if flush:
+            self.container.mux(self.stream.encode(None))
+        self.container.close()
 
-    def size_mb(self) -> float:
-        return self.num_bytes / 2**20
+
+class _VideoFile:
+    """A shared mp4 that finished episodes are appended to without re-encoding (as lerobot concatenates)."""
+
+    def __init__(self, path: Path, fps: int) -> None:
+        import av
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.fps = path, fps
+        self.container = av.open(str(path), mode="w")
+        self.stream: Any = None
+        self.num_frames = 0
+        self.num_bytes = 0
+
+    def append(self, episode: Path) -> int:
+        """Copy the packets of an episode's mp4 after the frames already here; returns its first frame."""
+        import av
+
+        first = self.num_frames
+        with av.open(str(episode)) as src:
+            in_stream = src.streams.video[0]
+            if self.stream is None:
+                self.stream = self.container.add_stream_from_template(in_stream, opaque=True)
+            offset = round(Fraction(first, self.fps) / in_stream.time_base)  # in the episode's time base
+            for packet in src.demux(in_stream):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.pts, packet.dts = packet.pts + offset, packet.dts + offset
+                packet.stream = self.stream
+                self.container.mux(packet)
+                self.num_frames += 1
+        self.num_bytes += episode.stat().st_size
+        return first
 
     def close(self) -> None:
-        self._mux(self.stream.encode(None))
         self.container.close()
 
 
@@ -171,17 +202,26 @@ class LeRobotV3Writer:
         self._tasks: dict[str, int] = {}
         self._episodes: list[dict[str, Any]] = []
         self._total_frames = 0
-        self._buffer: list[tuple[dict[str, np.ndarray], str]] = []
+        # the episode being recorded: low-dim rows and tasks, PNG bytes of image features, small copies of
+        # camera frames for the stats, and one open encoder per video feature
+        self._rows: list[dict[str, np.ndarray]] = []
+        self._frame_tasks: list[str] = []
+        self._pngs: dict[str, list[bytes]] = {k: [] for k in self.camera_keys if k not in self.video_keys}
+        self._thumbs: dict[str, list[np.ndarray]] = {k: [] for k in self.camera_keys}
+        self._encoders: dict[str, _EpisodeVideo] = {}
         self._data_cursor = _FileCursor()
         self._data_writer: pq.ParquetWriter | None = None
-        self._data_rows_mb = 0.0
+        self._data_mb = 0.0
         self._video_cursor = {k: _FileCursor() for k in self.video_keys}
         self._videos: dict[str, _VideoFile] = {}
         self._finalized = False
 
     # ------------------------------------------------------------------ frames and episodes
     def add_frame(self, frame: Mapping[str, np.ndarray], task: str) -> None:
-        """Buffer one frame: every feature by name (images uint8 `[H, W, 3]` RGB) and its task string."""
+        """Add one frame: every feature by name (images uint8 `[H, W, 3]` RGB) and its task string.
+
+        Video frames are encoded right away, so an episode's images are never all held in memory.
+        """
         self._check_open()
         if not isinstance(task, str):
             raise TypeError(f"task must be a str, got {type(task).__name__}")
@@ -198,93 +238,110 @@ class LeRobotV3Writer:
                     raise ValueError(
                         f"frame[{key!r}]: expected uint8 {list(shape)} RGB, got {value.dtype} {list(value.shape)}"
                     )
-                row[key] = np.ascontiguousarray(value)
+            elif value.size != math.prod(shape):
+                raise ValueError(f"frame[{key!r}]: expected shape {list(shape)}, got {list(value.shape)}")
             else:
-                if value.size != math.prod(shape):
-                    raise ValueError(f"frame[{key!r}]: expected shape {list(shape)}, got {list(value.shape)}")
                 row[key] = value.astype(spec["dtype"]).reshape(shape)
-        self._buffer.append((row, task))
+        for key in self.camera_keys:
+            img = np.ascontiguousarray(frame[key])
+            step = max(1, max(img.shape[:2]) // _STATS_SIDE)
+            self._thumbs[key].append(img[::step, ::step].copy())
+            if key in self._pngs:
+                self._pngs[key].append(_png(img))
+            else:
+                if key not in self._encoders:
+                    h, w, _ = self.features[key]["shape"]
+                    path = self._tmp / "episode-videos" / f"{key}.mp4"
+                    self._encoders[key] = _EpisodeVideo(path, self.fps, h, w, self.encoder)
+                self._encoders[key].add(img)
+        self._rows.append(row)
+        self._frame_tasks.append(task)
 
     def discard_episode(self) -> None:
-        """Drop the frames buffered since the last `save_episode()`."""
-        self._buffer = []
+        """Drop the frames added since the last `save_episode()`."""
+        for encoder in self._encoders.values():
+            encoder.close(flush=False)
+            encoder.path.unlink(missing_ok=True)
+        self._reset_episode()
+
+    def _reset_episode(self) -> None:
+        self._rows, self._frame_tasks, self._encoders = [], [], {}
+        for buffers in (*self._pngs.values(), *self._thumbs.values()):
+            buffers.clear()
 
     def save_episode(self) -> int:
-        """Write the buffered frames as one episode; returns its episode index."""
+        """Write the frames added since the last call as one episode; returns its episode index."""
         self._check_open()
-        if not self._buffer:
+        if not self._rows:
             raise ValueError("save_episode() called with no frames added since the last episode")
-        ep, n, start = len(self._episodes), len(self._buffer), self._total_frames
-        frames = [row for row, _ in self._buffer]
-        tasks = [task for _, task in self._buffer]
-        for task in tasks:
+        ep, n, start = len(self._episodes), len(self._rows), self._total_frames
+        for task in self._frame_tasks:
             self._tasks.setdefault(task, len(self._tasks))
-        columns: dict[str, np.ndarray] = {k: np.stack([f[k] for f in frames]) for k in self.lowdim_keys}
+        columns: dict[str, np.ndarray] = {k: np.stack([r[k] for r in self._rows]) for k in self.lowdim_keys}
         columns["timestamp"] = (np.arange(n) / self.fps).astype(np.float32)
         columns["frame_index"] = np.arange(n, dtype=np.int64)
         columns["episode_index"] = np.full(n, ep, dtype=np.int64)
         columns["index"] = np.arange(start, start + n, dtype=np.int64)
-        columns["task_index"] = np.array([self._tasks[t] for t in tasks], dtype=np.int64)
+        columns["task_index"] = np.array([self._tasks[t] for t in self._frame_tasks], dtype=np.int64)
 
         record: dict[str, Any] = {
             "episode_index": ep,
-            "tasks": list(dict.fromkeys(tasks)),
+            "tasks": list(dict.fromkeys(self._frame_tasks)),
             "length": n,
-            **self._write_data(columns, frames),
+            **self._write_data(columns),
             "dataset_from_index": start,
             "dataset_to_index": start + n,
         }
         for key in self.video_keys:
-            record.update(self._write_video(key, [f[key] for f in frames]))
+            record.update(self._write_video(key))
         for key, values in columns.items():
             record.update({f"stats/{key}/{s}": v for s, v in _numeric_stats(values).items()})
         for key in self.camera_keys:
-            record.update({f"stats/{key}/{s}": v for s, v in _image_stats([f[key] for f in frames]).items()})
+            record.update({f"stats/{key}/{s}": v for s, v in _image_stats(self._thumbs[key]).items()})
         record["meta/episodes/chunk_index"], record["meta/episodes/file_index"] = 0, 0
         self._episodes.append(record)
         self._total_frames += n
-        self._buffer = []
+        self._reset_episode()
         return ep
 
     # ------------------------------------------------------------------ files
-    def _write_data(
-        self, columns: dict[str, np.ndarray], frames: list[dict[str, np.ndarray]]
-    ) -> dict[str, int]:
-        if self._data_writer is not None and self._data_rows_mb >= self.data_mb:
-            self._data_writer.close()
-            self._data_writer, self._data_rows_mb = None, 0.0
-            self._data_cursor.advance(self.chunks_size)
-        arrays = {key: _to_arrow(values) for key, values in columns.items() if key in self.lowdim_keys}
-        for key in self.camera_keys:
-            if key not in self.video_keys:
-                arrays[key] = pa.array(
-                    [{"bytes": _png(f[key]), "path": None} for f in frames], type=_IMAGE_TYPE
-                )
+    def _write_data(self, columns: dict[str, np.ndarray]) -> dict[str, int]:
+        arrays = {key: _to_arrow(columns[key]) for key in self.lowdim_keys}
+        for key, pngs in self._pngs.items():
+            arrays[key] = pa.array([{"bytes": b, "path": None} for b in pngs], type=_IMAGE_TYPE)
         arrays.update({key: pa.array(columns[key]) for key in BOOKKEEPING})
         table = pa.table(arrays)
+        size_mb = table.nbytes / 2**20
+        # as lerobot: start a new file when this episode would take the current one past the limit
+        if self._data_writer is not None and self._data_mb + size_mb >= self.data_mb:
+            self._data_writer.close()
+            self._data_writer, self._data_mb = None, 0.0
+            self._data_cursor.advance(self.chunks_size)
         if self._data_writer is None:
             path = self._tmp / DATA_PATH.format(**vars(self._data_cursor))
             path.parent.mkdir(parents=True, exist_ok=True)
             self._data_writer = pq.ParquetWriter(path, table.schema)
         self._data_writer.write_table(table)
-        self._data_rows_mb += table.nbytes / 2**20
+        self._data_mb += size_mb
         return {
             "data/chunk_index": self._data_cursor.chunk_index,
             "data/file_index": self._data_cursor.file_index,
         }
 
-    def _write_video(self, key: str, images: list[np.ndarray]) -> dict[str, Any]:
+    def _write_video(self, key: str) -> dict[str, Any]:
+        episode = self._encoders[key]
+        episode.close()
         cursor, video = self._video_cursor[key], self._videos.get(key)
-        if video is not None and video.size_mb() >= self.video_mb:
+        size_mb = episode.path.stat().st_size / 2**20
+        if video is not None and (video.num_bytes / 2**20) + size_mb >= self.video_mb:
             video.close()
             video = None
             cursor.advance(self.chunks_size)
         if video is None:
-            h, w, _ = self.features[key]["shape"]
             path = self._tmp / VIDEO_PATH.format(video_key=key, **vars(cursor))
-            video = self._videos[key] = _VideoFile(path, self.fps, h, w, self.encoder)
-        first = video.num_frames
-        video.append(images)
+            video = self._videos[key] = _VideoFile(path, self.fps)
+        first = video.append(episode.path)
+        episode.path.unlink()
         return {
             f"videos/{key}/chunk_index": cursor.chunk_index,
             f"videos/{key}/file_index": cursor.file_index,
@@ -296,9 +353,9 @@ class LeRobotV3Writer:
     def finalize(self) -> Path:
         """Close all files, write the metadata and move the dataset to `root`; returns `root`."""
         self._check_open()
-        if self._buffer:
+        if self._rows:
             raise ValueError(
-                f"{len(self._buffer)} frames were added but not saved: call save_episode() or discard_episode()"
+                f"{len(self._rows)} frames were added but not saved: call save_episode() or discard_episode()"
             )
         if not self._episodes:
             raise ValueError("finalize() with no saved episode: nothing to write")
@@ -306,6 +363,7 @@ class LeRobotV3Writer:
             self._data_writer.close()
         for video in self._videos.values():
             video.close()
+        shutil.rmtree(self._tmp / "episode-videos", ignore_errors=True)
         meta = self._tmp / "meta"
         (meta / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self._episodes), self._tmp / EPISODES_PATH)
@@ -335,7 +393,7 @@ class LeRobotV3Writer:
             return
         if self._data_writer is not None:
             self._data_writer.close()
-        for video in self._videos.values():
+        for video in (*self._encoders.values(), *self._videos.values()):
             video.container.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._finalized = True
@@ -389,6 +447,7 @@ class LeRobotV3Writer:
 
 _IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _STAT_NAMES = ("min", "max", "mean", "std", "count", *(f"q{round(q * 100):02d}" for q in QUANTILES))
+_STATS_SIDE = 64  # image stats use frames subsampled to about this many pixels a side
 _NUMERIC_DTYPES = ("float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -444,16 +503,15 @@ def _numeric_stats(values: np.ndarray) -> dict[str, Any]:
     return {k: v.tolist() for k, v in out.items()}
 
 
-def _image_stats(images: list[np.ndarray], max_frames: int = 100, max_side: int = 64) -> dict[str, Any]:
-    """Per-channel stats `(3, 1, 1)` on a 0..1 scale over a subsample of frames and pixels (as LeRobot does)."""
-    picks = np.linspace(0, len(images) - 1, min(len(images), max_frames)).round().astype(int)
-    step = max(1, max(images[0].shape[:2]) // max_side)
-    px = np.stack([images[i][::step, ::step] for i in picks]).reshape(-1, 3).astype(np.float64) / 255.0
+def _image_stats(thumbs: list[np.ndarray], max_frames: int = 100) -> dict[str, Any]:
+    """Per-channel stats `(3, 1, 1)` on a 0..1 scale over subsampled frames and pixels (as lerobot does)."""
+    picks = np.linspace(0, len(thumbs) - 1, min(len(thumbs), max_frames)).round().astype(int)
+    px = np.stack([thumbs[i] for i in picks]).reshape(-1, 3).astype(np.float64) / 255.0
     out = {"min": px.min(0), "max": px.max(0), "mean": px.mean(0), "std": px.std(0)}
     for q, value in zip(QUANTILES, np.quantile(px, QUANTILES, axis=0), strict=True):
         out[f"q{round(q * 100):02d}"] = value
     stats: dict[str, Any] = {k: v.reshape(3, 1, 1).tolist() for k, v in out.items()}
-    stats["count"] = [len(images)]
+    stats["count"] = [len(thumbs)]
     return stats
 
 
