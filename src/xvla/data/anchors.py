@@ -1,0 +1,107 @@
+"""Intention abstraction: a frame's proprio plus 30 action targets spread over the query horizon.
+
+For a frame at time ``t`` the absolute canonical trajectory is interpolated at
+``linspace(t, min(t + horizon, t_end), 31)``: point 0 is the proprio, points 1..30 are the targets.
+Interpolation per arm: positions linearly; rotations by slerp between the two bracketing samples (rot6d ->
+matrix -> quaternion, shortest arc, back to rot6d), which moves at a constant angular rate between samples;
+grippers linearly when continuous, and as a previous-sample hold when binary, so an open/close switch is never
+smeared into intermediate values. Queries outside the sampled times hold the first/last sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from xvla.data import rotations
+
+NUM_POINTS = 31  # proprio + 30 targets
+STATIC_THRESHOLD = 1e-5
+ARM_DIM = 10
+
+
+def anchor_times(t: float, t_end: float, horizon_s: float, num_points: int = NUM_POINTS) -> np.ndarray:
+    """[num_points] query times from ``t`` to ``min(t + horizon_s, t_end)`` (point 0 is ``t``)."""
+    return np.linspace(t, max(t, min(t + horizon_s, t_end)), num_points)
+
+
+def _check_times(times: np.ndarray, n: int) -> np.ndarray:
+    times = np.asarray(times, dtype=np.float64)
+    if times.shape != (n,):
+        raise ValueError(f"timestamps: expected shape ({n},) matching the trajectory, got {times.shape}")
+    if n > 1 and np.any(np.diff(times) <= 0):
+        bad = int(np.argmax(np.diff(times) <= 0))
+        raise ValueError(
+            f"timestamps: expected strictly increasing values, frame {bad + 1} is at {times[bad + 1]}"
+            f" after {times[bad]}"
+        )
+    return times
+
+
+def interpolate(
+    times: np.ndarray,
+    traj: np.ndarray,
+    query: np.ndarray,
+    *,
+    num_arms: int,
+    rot6d_layout: str,
+    binary_grippers: Sequence[bool],
+) -> np.ndarray:
+    """Canonical ee6d trajectory [N, P] sampled at ``times`` [N] -> values at ``query`` [K] -> [K, P].
+
+    Arms beyond ``num_arms`` (zero padding) stay zero."""
+    traj = np.asarray(traj, dtype=np.float64)
+    times = _check_times(times, len(traj))
+    query = np.asarray(query, dtype=np.float64)
+    out = np.zeros((len(query), traj.shape[1]))
+    if len(traj) == 1:
+        out[:] = traj[0]
+        return out
+    # Segment [i, i+1] that brackets each query and the fraction along it (clamped at both ends).
+    i = np.clip(np.searchsorted(times, query, side="right") - 1, 0, len(times) - 2)
+    alpha = np.clip((query - times[i]) / (times[i + 1] - times[i]), 0.0, 1.0)
+    prev = np.where(alpha >= 1.0, i + 1, i)  # the latest sample at or before the query
+    fmt = rotations.rot6d_format(rot6d_layout)
+    for arm in range(num_arms):
+        b = arm * ARM_DIM
+        p = traj[:, b : b + 3]
+        out[:, b : b + 3] = p[i] + alpha[:, None] * (p[i + 1] - p[i])
+        quat = rotations.matrix_to_quat(rotations.to_matrix(traj[:, b + 3 : b + 9], fmt))
+        rot = rotations.quat_to_matrix(rotations.slerp(quat[i], quat[i + 1], alpha))
+        out[:, b + 3 : b + 9] = rotations.from_matrix(rot, fmt)
+        g = traj[:, b + 9]
+        out[:, b + 9] = g[prev] if binary_grippers[arm] else g[i] + alpha * (g[i + 1] - g[i])
+    return out
+
+
+def intention_targets(
+    times: np.ndarray,
+    traj: np.ndarray,
+    t: float,
+    horizon_s: float,
+    *,
+    num_arms: int,
+    rot6d_layout: str,
+    binary_grippers: Sequence[bool],
+    num_points: int = NUM_POINTS,
+) -> np.ndarray:
+    """The ``num_points - 1`` targets [30, P] after time ``t``; ``t_end`` is the last trajectory time."""
+    query = anchor_times(t, float(np.asarray(times)[-1]), horizon_s, num_points)
+    return interpolate(
+        times, traj, query[1:], num_arms=num_arms, rot6d_layout=rot6d_layout, binary_grippers=binary_grippers
+    )
+
+
+def valid_frames(
+    times: np.ndarray, traj: np.ndarray, horizon_s: float, threshold: float = STATIC_THRESHOLD
+) -> np.ndarray:
+    """Indices [M] of the frames whose window ``[t, t + horizon_s]`` is not static: some sample of ``traj``
+    [N, P] inside it differs from the frame's own value by more than ``threshold`` (max abs over dims)."""
+    traj = np.asarray(traj, dtype=np.float64)
+    times = _check_times(times, len(traj))
+    ends = np.searchsorted(times, times + horizon_s, side="right")
+    keep = [
+        i for i in range(len(traj)) if np.max(np.abs(traj[i : ends[i]] - traj[i]), initial=0.0) > threshold
+    ]
+    return np.asarray(keep, dtype=np.int64)
