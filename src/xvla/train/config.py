@@ -35,6 +35,9 @@ class ModelInit:
     checkpoint: str | None = None  # folder or hub id readable by XVLA.from_pretrained
     # XVLAConfig fields to change in a preset, dotted for nested ones: {"image_size": 64, "head.depth": 2}
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer folder or hub id for a preset; None = BART's (facebook/bart-large) for a BART-sized vocabulary,
+    # else a byte-level BPE built offline (xvla.model.tokenizer.build_tokenizer). A checkpoint brings its own.
+    tokenizer: str | None = None
     activation_checkpointing: bool = False  # recompute transformer blocks in backward (memory for compute)
 
 
@@ -42,8 +45,9 @@ class ModelInit:
 class DataConfig:
     mixture: str | dict[str, Any] | None = None  # Mixture JSON/YAML file, or the mixture inline
     num_workers: int = 0
-    val_episodes: float = 0.1  # held-out episodes per source: a fraction (< 1) or a count (>= 1)
-    seed: int = 0  # fixes the train/val episode split and the sampling order
+    seed: int = (
+        0  # fixes the train/val episode split (sources' val_fraction/val_count) and the sampling order
+    )
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,6 @@ class TrainConfig:
             "checkpoint.every": self.checkpoint.every >= 1,
             "checkpoint.keep_last": self.checkpoint.keep_last >= 1,
             "val.every": self.val.every >= 0,
-            "data.val_episodes": self.data.val_episodes >= 0,
             "optim.warmup_steps": self.optim.warmup_steps >= 0,
             "optim.prompt_warmup_steps": self.optim.prompt_warmup_steps >= 0,
             "optim.min_lr_ratio": 0.0 <= self.optim.min_lr_ratio <= 1.0,

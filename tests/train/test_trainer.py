@@ -1,0 +1,163 @@
+"""Training loop on CPU: exact resume, crash-safe checkpoints, the prompt warm-up phase, learning, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from conftest import make_config, mixture, source_dict
+from xvla.model.xvla import XVLA
+from xvla.train import checkpointing, trainer
+from xvla.train.config import ConfigError
+from xvla.train.trainer import build_job, make_accelerator, run, train
+
+
+def history(out: Path) -> dict:
+    return json.loads((out / "history.json").read_text())
+
+
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+def test_resume_continues_bit_identically(tmp_path, datasets, monkeypatch):
+    data = mixture(datasets)
+    full = train(make_config(tmp_path / "full", data))
+    reference = history(tmp_path / "full")
+    assert full == checkpointing.checkpoint_path(tmp_path / "full", 6)
+
+    save = trainer.save_checkpoint
+
+    def save_then_die(folder, *args, **kwargs):
+        save(folder, *args, **kwargs)
+        if checkpointing.checkpoint_step(folder) == 3:
+            raise Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    cut = make_config(tmp_path / "cut", data)
+    with pytest.raises(Killed):
+        train(cut)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    assert history(tmp_path / "cut")["step"] == [1, 2, 3]
+    train(cut, resume=True)
+    resumed = history(tmp_path / "cut")
+    assert resumed["step"] == reference["step"] == [1, 2, 3, 4, 5, 6]
+    assert resumed["loss"] == reference["loss"]  # bit-identical, steps 4..6 included
+    assert resumed["per_source"] == reference["per_source"]
+    val = [json.loads((tmp_path / d / "validation.json").read_text()) for d in ("full", "cut")]
+    assert val[0] == val[1]
+    a, b = (XVLA.from_pretrained(checkpointing.checkpoint_path(tmp_path / d, 6)) for d in ("full", "cut"))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, datasets, monkeypatch):
+    cfg = make_config(tmp_path / "run", mixture(datasets))
+    real_save = torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        if "step_00000006" in str(path) and str(path).endswith("optimizer.pt"):
+            raise Killed  # mid-write: model files of step 6 are already in the temporary folder
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = checkpointing.latest_checkpoint(cfg.output_dir)
+    assert latest is not None and latest.name == "step_00000003"
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    XVLA.from_pretrained(latest)  # loadable
+    final = train(cfg, resume=True)
+    assert final.is_dir() and checkpointing.latest_checkpoint(cfg.output_dir) == final
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    # keep_last = 2 and the servable files are all there
+    assert [p.name for p in checkpointing.list_checkpoints(cfg.output_dir)] == [
+        "step_00000003",
+        "step_00000006",
+    ]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "sources.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    assert set(json.loads((final / "sources.json").read_text())) == {"arc_a", "arc_b"}
+
+
+def test_prompt_warmup_trains_only_prompts_and_heads(tmp_path, datasets):
+    cfg = make_config(tmp_path / "run", mixture(datasets), ("steps=4", "checkpoint.every=2", "val.every=0"))
+    accelerator = make_accelerator(cfg, partial_training=True)
+    set_seed(cfg.seed)
+    job = build_job(cfg)
+    names = {id(p): n for n, p in job.model.named_parameters()}
+    group_of = {names[id(p)]: g for g, ps in job.groups.items() for p in ps}
+    before = {n: p.detach().clone() for n, p in job.model.named_parameters()}
+    run(cfg, job, accelerator, resume=False)
+    mid = XVLA.from_pretrained(checkpointing.checkpoint_path(cfg.output_dir, 2)).state_dict()
+    end = XVLA.from_pretrained(checkpointing.checkpoint_path(cfg.output_dir, 4)).state_dict()
+
+    def changed(a: dict, b: dict) -> dict[str, bool]:
+        out: dict[str, bool] = {}
+        for name, group in group_of.items():
+            out[group] = out.get(group, False) or not torch.equal(a[name], b[name])
+        return out
+
+    assert changed(before, mid) == {
+        "vlm": False,
+        "transformer": False,
+        "soft_prompts": True,
+        "action_heads": True,
+    }
+    assert changed(mid, end) == {"vlm": True, "transformer": True, "soft_prompts": True, "action_heads": True}
+
+
+def test_overfits_one_episode(tmp_path, datasets):
+    one = {"sources": [source_dict("arc_a", 0, datasets["arc_a"], val_count=0)]}
+    cfg = make_config(
+        tmp_path / "run",
+        one,
+        (
+            "steps=150",
+            "optim.prompt_warmup_steps=0",
+            "optim.warmup_steps=10",
+            "optim.lr=2e-3",
+            "checkpoint.every=1000",
+            "val.every=0",
+            "log.every=10",
+        ),
+    )
+    train(cfg)
+    losses = history(tmp_path / "run")["loss"]
+    assert losses[-1] < 0.05 * losses[0], losses
+
+
+def test_refuses_a_folder_with_another_run(tmp_path, datasets):
+    cfg = make_config(tmp_path / "run", mixture(datasets), ("steps=1",))
+    train(cfg)
+    with pytest.raises(FileExistsError, match="holds another run.*--resume"):
+        train(cfg)
+
+
+def test_refuses_checkpoint_of_another_architecture(tmp_path, datasets):
+    cfg = make_config(tmp_path / "run", mixture(datasets), ("steps=3",))
+    train(cfg)
+    wider = make_config(
+        tmp_path / "run", mixture(datasets), ("steps=6", "model.overrides.head.hidden_size=32")
+    )
+    with pytest.raises(ValueError, match="different architecture.*head.hidden_size: checkpoint 64 vs run 32"):
+        train(wider, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model.overrides.action_space=joint",), "action space 'ee6d' conflicts with the model's 'joint'"),
+        (("model.overrides.head.num_domains=1",), "domain_id 1 is outside the model's 1 domains"),
+        (("model.overrides.head.width=3",), "'head.width' is not an XVLAConfig field"),
+    ],
+)
+def test_mixture_and_model_mismatch_errors(tmp_path, datasets, overrides, message):
+    with pytest.raises((ValueError, ConfigError), match=message):
+        train(make_config(tmp_path / "run", mixture(datasets), overrides))
