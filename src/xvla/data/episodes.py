@@ -7,7 +7,9 @@ demand and only builds its episode index from metadata.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -36,6 +38,27 @@ class DatasetError(ValueError):
         ]
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
         self.dataset, self.file, self.episode, self.frame = dataset, file, episode, frame
+
+
+class FileCache(OrderedDict):
+    """A small LRU of open files; `close(value)` runs on eviction. Emptied in a forked child (a data-loader
+    worker), where inherited handles would share file offsets with the parent."""
+
+    def __init__(self, size: int, close: Callable[[Any], None]) -> None:
+        super().__init__()
+        self.size, self._close, self._pid = max(1, size), close, os.getpid()
+
+    def get_or_open(self, key: Any, open_: Callable[[], Any]) -> Any:
+        if self._pid != os.getpid():
+            self.clear()
+            self._pid = os.getpid()
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = open_()
+        while len(self) > self.size:
+            self._close(self.popitem(last=False)[1])
+        return value
 
 
 @runtime_checkable

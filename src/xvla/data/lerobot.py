@@ -10,9 +10,7 @@ frame and decodes forward.
 from __future__ import annotations
 
 import io
-import os
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,33 +19,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xvla.data.episodes import DatasetError, check_episode, check_finite, check_frames, read_json
+from xvla.data.episodes import (
+    DatasetError,
+    FileCache,
+    check_episode,
+    check_finite,
+    check_frames,
+    read_json,
+)
 
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 CAMERA_DTYPES = ("video", "image")
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 # Decoding forward is cheaper than a new seek while the next wanted frame is this close (seconds).
 SEEK_GAP_S = 1.0
-
-
-class _LRU(OrderedDict):
-    """Small LRU of open files; `close(value)` is called on eviction. Emptied in a forked child."""
-
-    def __init__(self, size: int, close: Callable[[Any], None]) -> None:
-        super().__init__()
-        self.size, self._close, self._pid = size, close, os.getpid()
-
-    def get_or_open(self, key: Any, open_: Callable[[], Any]) -> Any:
-        if self._pid != os.getpid():  # file handles inherited through fork share offsets: start afresh
-            self.clear()
-            self._pid = os.getpid()
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = open_()
-        while len(self) > self.size:
-            self._close(self.popitem(last=False)[1])
-        return value
 
 
 @dataclass
@@ -103,8 +88,8 @@ class LeRobotDataset:
         if self.video_keys and not self._video_path:
             raise DatasetError("video features but no video_path in meta/info.json", dataset=self.root)
         self.decoder_threads = decoder_threads
-        self._parquet = _LRU(open_files, lambda f: f.close())
-        self._videos = _LRU(open_files, lambda v: v.container.close())
+        self._parquet = FileCache(open_files, lambda f: f.close())
+        self._videos = FileCache(open_files, lambda v: v.container.close())
         self._rows: dict[Path, dict[int, tuple[int, int]]] = {}  # data file -> episode id -> row range
         if self.version == "v3.0":
             self._load_v3_index()
