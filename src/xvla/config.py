@@ -57,14 +57,24 @@ class VisionConfig:
     def __post_init__(self) -> None:
         _tuplify(self)
         n = len(self.embed_dim)
-        for name in ("num_heads", "num_groups", "depths", "patch_size", "patch_stride", "patch_padding", "patch_prenorm"):
+        for name in (
+            "num_heads",
+            "num_groups",
+            "depths",
+            "patch_size",
+            "patch_stride",
+            "patch_padding",
+            "patch_prenorm",
+        ):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"VisionConfig.{name}: expected {n} entries (one per stage), got {getattr(self, name)}")
+                raise ValueError(
+                    f"VisionConfig.{name}: expected {n} entries (one per stage), got {getattr(self, name)}"
+                )
 
     def feature_map_size(self, image_size: int) -> int:
         """Side of the last stage's feature map for a square image of `image_size` pixels."""
         side = image_size
-        for k, s, p in zip(self.patch_size, self.patch_stride, self.patch_padding):
+        for k, s, p in zip(self.patch_size, self.patch_stride, self.patch_padding, strict=True):
             side = (side + 2 * p - k) // s + 1
         return side
 
@@ -109,7 +119,9 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"HeadConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+            raise ValueError(
+                f"HeadConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
         if self.dim_time % 2:
             raise ValueError(f"HeadConfig.dim_time must be even, got {self.dim_time}")
         if self.num_domains < 1:
@@ -144,7 +156,7 @@ class XVLAConfig:
                 object.__setattr__(self, name, _from_dict(cls, value, f"XVLAConfig.{name}"))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"XVLAConfig.objective: expected one of {OBJECTIVES}, got {self.objective!r}")
-        if not 1 <= self.num_views:
+        if not self.num_views >= 1:
             raise ValueError(f"XVLAConfig.num_views must be >= 1, got {self.num_views}")
         if self.num_steps < 1:
             raise ValueError(f"XVLAConfig.num_steps must be >= 1, got {self.num_steps}")
@@ -191,7 +203,12 @@ class XVLAConfig:
 
 def _tiny() -> XVLAConfig:
     return XVLAConfig(
-        vision=VisionConfig(embed_dim=(16, 32, 64, 128), num_heads=(2, 4, 8, 16), num_groups=(2, 4, 8, 16), depths=(1, 1, 1, 1)),
+        vision=VisionConfig(
+            embed_dim=(16, 32, 64, 128),
+            num_heads=(2, 4, 8, 16),
+            num_groups=(2, 4, 8, 16),
+            depths=(1, 1, 1, 1),
+        ),
         text=TextConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128),
         head=HeadConfig(hidden_size=64, depth=2, num_heads=4),
     )
@@ -200,12 +217,23 @@ def _tiny() -> XVLAConfig:
 def _demo() -> XVLAConfig:
     return XVLAConfig(
         vision=VisionConfig(
-            embed_dim=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), num_groups=(1, 2, 4, 8), depths=(1, 1, 1, 1), window_size=4,
+            embed_dim=(16, 32, 64, 128),
+            num_heads=(1, 2, 4, 8),
+            num_groups=(1, 2, 4, 8),
+            depths=(1, 1, 1, 1),
+            window_size=4,
         ),
         text=TextConfig(
-            vocab_size=1024, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, max_position_embeddings=128,
+            vocab_size=1024,
+            d_model=64,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            max_position_embeddings=128,
         ),
-        head=HeadConfig(hidden_size=128, depth=4, num_heads=4, num_domains=8, len_soft_prompts=8, max_len_seq=256),
+        head=HeadConfig(
+            hidden_size=128, depth=4, num_heads=4, num_domains=8, len_soft_prompts=8, max_len_seq=256
+        ),
         image_size=64,
         max_text_len=24,
     )

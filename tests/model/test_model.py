@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+from model_helpers import build_small_model, make_batch, small_config
 
-from tests.model.conftest import make_batch, small_config
 from xvla.model import XVLA
 
 
-def test_forward_and_generate_shapes(small_model: XVLA) -> None:
+def test_forward_and_generate_shapes() -> None:
+    small_model = build_small_model()
     cfg = small_model.config
     batch = make_batch(cfg)
     out = small_model(batch)
@@ -22,7 +23,8 @@ def test_forward_and_generate_shapes(small_model: XVLA) -> None:
     assert bool(((grip >= 0) & (grip <= 1)).all())
 
 
-def test_injected_draws_are_deterministic(small_model: XVLA) -> None:
+def test_injected_draws_are_deterministic() -> None:
+    small_model = build_small_model()
     batch = make_batch(small_model.config)
     t, noise = torch.tensor([0.3, 0.7]), torch.randn(2, 30, 20)
     a, b = small_model(batch, t=t, noise=noise), small_model(batch, t=t, noise=noise)
@@ -30,7 +32,8 @@ def test_injected_draws_are_deterministic(small_model: XVLA) -> None:
     assert torch.equal(small_model.generate(batch, noise=noise), small_model.generate(batch, noise=noise))
 
 
-def test_save_load_roundtrip_bit_identical(small_model: XVLA, tmp_path) -> None:
+def test_save_load_roundtrip_bit_identical(tmp_path) -> None:
+    small_model = build_small_model()
     batch = make_batch(small_model.config)
     noise = torch.randn(2, 30, 20)
     small_model.save_pretrained(tmp_path / "ckpt")

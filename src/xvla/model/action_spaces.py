@@ -13,7 +13,8 @@ Loss terms are returned per sample (`[B]`), each the mean over the sample's step
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,8 @@ class JointActionSpace(ActionSpace):
         joints = [i for i in range(self.dim) if i not in self.gripper_idx]
         return {
             "joints_loss": _mse(_dims(pred, joints), _dims(target, joints)) * self.joints_weight,
-            "gripper_loss": _bce(_dims(pred, self.gripper_idx), _dims(target, self.gripper_idx)) * self.gripper_weight,
+            "gripper_loss": _bce(_dims(pred, self.gripper_idx), _dims(target, self.gripper_idx))
+            * self.gripper_weight,
         }
 
 
@@ -167,7 +169,9 @@ class AutoActionSpace(ActionSpace):
 
     def __init__(self, real_dim: int = 20, max_dim: int = 20) -> None:
         if not 1 <= real_dim <= max_dim:
-            raise ValueError(f"auto action space: expected 1 <= real_action_dim <= max_action_dim, got {real_dim} > {max_dim}")
+            raise ValueError(
+                f"auto action space: expected 1 <= real_action_dim <= max_action_dim, got {real_dim} > {max_dim}"
+            )
         self.real_dim = real_dim
         self.dim = max_dim  # type: ignore[misc]
 

@@ -65,7 +65,9 @@ def resolve_folder(path_or_hub_id: str | Path, revision: str | None = None) -> P
     if path.is_dir():
         return path
     if path.exists() or str(path_or_hub_id).startswith((".", "/")) or str(path_or_hub_id).count("/") != 1:
-        raise FileNotFoundError(f"checkpoint {str(path_or_hub_id)!r}: not a folder and not a hub id (owner/name)")
+        raise FileNotFoundError(
+            f"checkpoint {str(path_or_hub_id)!r}: not a folder and not a hub id (owner/name)"
+        )
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(path_or_hub_id), revision=revision))
@@ -146,7 +148,12 @@ def load_state(model: XVLA, state: dict[str, Tensor], source: str) -> None:
         if unexpected:
             parts.append(f"unexpected keys {unexpected}")
         if shape:
-            parts.append("shape mismatch " + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shape))
+            parts.append(
+                "shape mismatch "
+                + ", ".join(
+                    f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shape
+                )
+            )
         raise ValueError(f"{source}: checkpoint does not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: recompute them (they are still on the meta device).
@@ -227,7 +234,9 @@ def _florence_to_ours(florence: dict[str, Any]) -> tuple[VisionConfig, TextConfi
         patch_prenorm=tuple(_pick(vc, "patch_prenorm", default=dv.patch_prenorm)),
         drop_path_rate=_pick(vc, "drop_path_rate", default=dv.drop_path_rate),
         max_position_embeddings=_pick(
-            vc.get("image_pos_embed") or {}, "max_pos_embeddings", default=_pick(vc, "max_position_embeddings", default=50)
+            vc.get("image_pos_embed") or {},
+            "max_pos_embeddings",
+            default=_pick(vc, "max_position_embeddings", default=50),
         ),
         max_temporal_embeddings=_pick(
             vc.get("visual_temporal_embedding") or {},
@@ -251,8 +260,13 @@ def _florence_to_ours(florence: dict[str, Any]) -> tuple[VisionConfig, TextConfi
         eos_token_id=_pick(tc, "eos_token_id", default=dt.eos_token_id),
     )
     if tc.get("scale_embedding"):
-        raise ValueError("florence_config.text_config.scale_embedding=true is not supported (X-VLA uses unscaled embeddings)")
-    for where, dim in (("florence_config.projection_dim", florence.get("projection_dim")), ("vision_config.projection_dim", vc.get("projection_dim"))):
+        raise ValueError(
+            "florence_config.text_config.scale_embedding=true is not supported (X-VLA uses unscaled embeddings)"
+        )
+    for where, dim in (
+        ("florence_config.projection_dim", florence.get("projection_dim")),
+        ("vision_config.projection_dim", vc.get("projection_dim")),
+    ):
         if dim is not None and dim != text.d_model:
             raise ValueError(f"{where}={dim} must equal text_config.d_model={text.d_model}")
     return vision, text
@@ -309,4 +323,3 @@ def config_from_lerobot(raw: dict[str, Any]) -> XVLAConfig:
         max_text_len=raw.get("tokenizer_max_length", 50),
         num_steps=raw.get("num_denoising_steps", 10),
     )
-

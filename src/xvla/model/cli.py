@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--config", help="an XVLAConfig JSON file or checkpoint folder")
     info.set_defaults(func=_info)
 
-    parity = subparsers.add_parser("parity", help="replay a parity fixture (refs.safetensors) against a checkpoint")
+    parity = subparsers.add_parser(
+        "parity", help="replay a parity fixture (refs.safetensors) against a checkpoint"
+    )
     parity.add_argument("checkpoint", help="checkpoint folder (ours, the authors' or LeRobot's layout)")
     parity.add_argument("--refs", help="reference file (default: CHECKPOINT/refs.safetensors)")
     parity.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance on tensors")
@@ -66,7 +68,12 @@ def _parity(args: argparse.Namespace) -> int:
     print(f"checkpoint layout: {layout}")
     for r in results:
         kind = "rel" if r.relative else "abs"
-        print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} max {kind} err {r.error:.3e} (tol {r.tol:.0e}, |ref| max {r.max_ref:.3g})")
+        print(
+            f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} max {kind} err {r.error:.3e} (tol {r.tol:.0e}, |ref| max {r.max_ref:.3g})"
+        )
     failed = [r.name for r in results if not r.ok]
-    print(f"{len(results) - len(failed)}/{len(results)} outputs within tolerance" + (f"; failed: {failed}" if failed else ""))
+    print(
+        f"{len(results) - len(failed)}/{len(results)} outputs within tolerance"
+        + (f"; failed: {failed}" if failed else "")
+    )
     return 1 if failed else 0

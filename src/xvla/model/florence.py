@@ -13,7 +13,10 @@ import torch
 from torch import Tensor, nn
 from transformers import BartConfig, Florence2Config
 from transformers.models.bart.modeling_bart import BartEncoder
-from transformers.models.florence2.modeling_florence2 import Florence2MultiModalProjector, Florence2VisionBackbone
+from transformers.models.florence2.modeling_florence2 import (
+    Florence2MultiModalProjector,
+    Florence2VisionBackbone,
+)
 
 from xvla.config import XVLAConfig
 
@@ -96,7 +99,11 @@ class FlorenceEncoder(nn.Module):
         return self.multi_modal_projector(feats)
 
     def forward(
-        self, pixel_values: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+        self,
+        pixel_values: Tensor,
+        image_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
     ) -> EncodedObservation:
         """pixel_values [B, V, 3, H, W], image_mask [B, V] bool, input_ids [B, L], attention_mask [B, L]."""
         b, v = pixel_values.shape[:2]
@@ -113,7 +120,11 @@ class FlorenceEncoder(nn.Module):
         inputs_embeds = torch.cat([feats[:, 0], text_embeds.to(feats.dtype)], dim=1)
         vlm_mask = aux_mask = None
         if self.cfg.mask_text_padding or self.cfg.mask_missing_views:
-            view_keep = image_mask.bool() if self.cfg.mask_missing_views else torch.ones_like(image_mask, dtype=torch.bool)
+            view_keep = (
+                image_mask.bool()
+                if self.cfg.mask_missing_views
+                else torch.ones_like(image_mask, dtype=torch.bool)
+            )
             text_keep = (
                 attention_mask.bool()
                 if self.cfg.mask_text_padding and attention_mask is not None
@@ -123,5 +134,8 @@ class FlorenceEncoder(nn.Module):
             aux_mask = view_keep[:, 1:, None].expand(-1, -1, n_tok).reshape(b, -1)
         vlm = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=vlm_mask).last_hidden_state
         return EncodedObservation(
-            vlm_features=vlm, aux_features=feats[:, 1:].reshape(b, (v - 1) * n_tok, d), vlm_mask=vlm_mask, aux_mask=aux_mask
+            vlm_features=vlm,
+            aux_features=feats[:, 1:].reshape(b, (v - 1) * n_tok, d),
+            vlm_mask=vlm_mask,
+            aux_mask=aux_mask,
         )

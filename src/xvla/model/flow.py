@@ -12,7 +12,7 @@ tensor values), so the loop can be compiled or captured.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

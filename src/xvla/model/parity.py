@@ -48,7 +48,13 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
     space = model.action_space
     pixels, mask, ids = refs["in_pixel_values"], refs["in_image_mask"].bool(), refs["in_input_ids"]
     domain, proprio = refs["in_domain_id"], refs["in_proprio"]
-    batch = {"pixel_values": pixels, "image_mask": mask, "input_ids": ids, "domain_id": domain, "proprio": proprio}
+    batch = {
+        "pixel_values": pixels,
+        "image_mask": mask,
+        "input_ids": ids,
+        "domain_id": domain,
+        "proprio": proprio,
+    }
 
     # (a) encoder: features, encoder inputs and DaViT stages of the first valid view
     enc = model.encode(pixels, mask, ids)
@@ -61,7 +67,7 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
     out["encoder_inputs_embeds"] = torch.cat([primary, model.vlm.text_encoder.embed_tokens(ids)], dim=1)
     h = valid[:1]
     tower = model.vlm.vision_tower
-    for s, (conv, blocks) in enumerate(zip(tower.convs, tower.blocks)):
+    for s, (conv, blocks) in enumerate(zip(tower.convs, tower.blocks, strict=True)):
         h = conv(h)
         out[f"davit_conv{s}_out"] = h.flatten(2).transpose(1, 2)
         for block in blocks:
@@ -78,7 +84,11 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
 
     # (c) loss with the recorded draws
     if "loss_u" in refs:
-        out.update(_loss_block(model, {**batch, "action": refs["in_action"]}, refs["loss_u"], refs["loss_noise"], "loss_"))
+        out.update(
+            _loss_block(
+                model, {**batch, "action": refs["in_action"]}, refs["loss_u"], refs["loss_noise"], "loss_"
+            )
+        )
 
     # (d) sampler from the recorded noise, recording every step
     if "gen_x1_noise" in refs:
@@ -115,12 +125,21 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _loss_block(model: XVLA, batch: dict[str, Tensor], u: Tensor, noise: Tensor, prefix: str) -> dict[str, Tensor]:
+def _loss_block(
+    model: XVLA, batch: dict[str, Tensor], u: Tensor, noise: Tensor, prefix: str
+) -> dict[str, Tensor]:
     action = model.action_space.pad(batch["action"])
     t = stratified_t(u, action.shape[0])
     loss = model(batch, t=t, noise=noise)
-    p_m, x_m = model.action_space.preprocess(batch["proprio"], interpolate(action, noise, t, model.config.objective))
-    res = {f"{prefix}t": t, f"{prefix}pred_action": loss.pred, f"{prefix}action_noisy_m": x_m, f"{prefix}proprio_m": p_m}
+    p_m, x_m = model.action_space.preprocess(
+        batch["proprio"], interpolate(action, noise, t, model.config.objective)
+    )
+    res = {
+        f"{prefix}t": t,
+        f"{prefix}pred_action": loss.pred,
+        f"{prefix}action_noisy_m": x_m,
+        f"{prefix}proprio_m": p_m,
+    }
     res.update({f"{prefix}{k}": v for k, v in loss.terms.items()})
     res[f"{prefix}total"] = loss.loss
     return res

@@ -70,7 +70,9 @@ class DomainAwareLinear(nn.Module):
 
 def _cat_embedding(emb: nn.Embedding, rows: Tensor) -> nn.Embedding:
     """A new embedding with `rows` appended (old rows copied exactly)."""
-    new = nn.Embedding(emb.num_embeddings + rows.shape[0], emb.embedding_dim, device=rows.device, dtype=rows.dtype)
+    new = nn.Embedding(
+        emb.num_embeddings + rows.shape[0], emb.embedding_dim, device=rows.device, dtype=rows.dtype
+    )
     new.weight.data.copy_(torch.cat([emb.weight.data, rows], dim=0))
     new.weight.requires_grad_(emb.weight.requires_grad)
     return new
@@ -137,7 +139,9 @@ class SoftPromptedTransformer(nn.Module):
         h = cfg.hidden_size
         self.cfg = cfg
         self.action_dim = action_dim
-        self.blocks = nn.ModuleList(Block(h, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(h, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
         if cfg.use_hetero_proj:
             self.vlm_proj: nn.Module = DomainAwareLinear(vlm_dim, h, cfg.num_domains)
             self.aux_visual_proj: nn.Module = DomainAwareLinear(vlm_dim, h, cfg.num_domains)
@@ -148,7 +152,9 @@ class SoftPromptedTransformer(nn.Module):
         self.norm = nn.LayerNorm(h)
         self.action_encoder = DomainAwareLinear(action_dim + proprio_dim + cfg.dim_time, h, cfg.num_domains)
         self.action_decoder = DomainAwareLinear(h, action_dim, cfg.num_domains)
-        self.soft_prompt_hub = nn.Embedding(cfg.num_domains, cfg.len_soft_prompts * h) if cfg.len_soft_prompts > 0 else None
+        self.soft_prompt_hub = (
+            nn.Embedding(cfg.num_domains, cfg.len_soft_prompts * h) if cfg.len_soft_prompts > 0 else None
+        )
         self.register_buffer("time_freqs", time_frequencies(cfg.dim_time), persistent=False)
         self.reset_parameters()
 
@@ -182,7 +188,8 @@ class SoftPromptedTransformer(nn.Module):
         b, n_act = x_t.shape[:2]
         time_emb = timestep_embedding(t, self.time_freqs).to(x_t.dtype)
         tokens = torch.cat(
-            [x_t, proprio.unsqueeze(1).expand(-1, n_act, -1), time_emb.unsqueeze(1).expand(-1, n_act, -1)], dim=-1
+            [x_t, proprio.unsqueeze(1).expand(-1, n_act, -1), time_emb.unsqueeze(1).expand(-1, n_act, -1)],
+            dim=-1,
         )
         x = torch.cat(
             [

@@ -37,10 +37,15 @@ class XVLA(nn.Module):
     def __init__(self, config: XVLAConfig) -> None:
         super().__init__()
         self.config = config
-        self.action_space: ActionSpace = build_action_space(config.action_space, config.real_action_dim, config.max_action_dim)
+        self.action_space: ActionSpace = build_action_space(
+            config.action_space, config.real_action_dim, config.max_action_dim
+        )
         self.vlm = FlorenceEncoder(config)
         self.transformer = SoftPromptedTransformer(
-            config.head, vlm_dim=config.text.d_model, action_dim=self.action_space.dim, proprio_dim=config.proprio_dim
+            config.head,
+            vlm_dim=config.text.d_model,
+            action_dim=self.action_space.dim,
+            proprio_dim=config.proprio_dim,
         )
 
     @property
@@ -50,7 +55,9 @@ class XVLA(nn.Module):
     # ----------------------------------------------------------------------------------------------- validation
     def _check_batch(self, batch: dict[str, Tensor], training: bool) -> None:
         cfg = self.config
-        required = ["pixel_values", "image_mask", "input_ids", "domain_id", "proprio"] + (["action"] if training else [])
+        required = ["pixel_values", "image_mask", "input_ids", "domain_id", "proprio"] + (
+            ["action"] if training else []
+        )
         missing = [k for k in required if k not in batch]
         if missing:
             raise KeyError(f"model batch is missing {missing}; expected keys {required}")
@@ -69,23 +76,36 @@ class XVLA(nn.Module):
             raise ValueError(f"image_mask: expected shape {(b, v)}, got {tuple(batch['image_mask'].shape)}")
         ids = batch["input_ids"]
         if ids.dim() != 2 or ids.shape[0] != b or ids.shape[1] > cfg.max_text_len:
-            raise ValueError(f"input_ids: expected [{b}, L] with L <= {cfg.max_text_len} (config.max_text_len), got {tuple(ids.shape)}")
+            raise ValueError(
+                f"input_ids: expected [{b}, L] with L <= {cfg.max_text_len} (config.max_text_len), got {tuple(ids.shape)}"
+            )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.text.vocab_size):
-            raise ValueError(f"input_ids: token ids must lie in [0, {cfg.text.vocab_size}) (config.text.vocab_size)")
+            raise ValueError(
+                f"input_ids: token ids must lie in [0, {cfg.text.vocab_size}) (config.text.vocab_size)"
+            )
         dom = batch["domain_id"]
         if tuple(dom.shape) != (b,):
             raise ValueError(f"domain_id: expected shape ({b},), got {tuple(dom.shape)}")
         if dom.numel() and (int(dom.min()) < 0 or int(dom.max()) >= self.num_domains):
-            raise ValueError(f"domain_id: expected values in [0, {self.num_domains}) (number of domains), got {dom.tolist()}")
+            raise ValueError(
+                f"domain_id: expected values in [0, {self.num_domains}) (number of domains), got {dom.tolist()}"
+            )
         prop = batch["proprio"]
         if tuple(prop.shape) != (b, cfg.proprio_dim):
-            raise ValueError(f"proprio: expected shape ({b}, {cfg.proprio_dim}) (config.proprio_dim), got {tuple(prop.shape)}")
+            raise ValueError(
+                f"proprio: expected shape ({b}, {cfg.proprio_dim}) (config.proprio_dim), got {tuple(prop.shape)}"
+            )
         if not bool(torch.isfinite(prop).all()):
             raise ValueError("proprio: contains NaN or inf")
         if training:
             act = batch["action"]
             a_dims = {self.action_space.input_dim, self.action_space.dim}
-            if act.dim() != 3 or act.shape[0] != b or act.shape[1] != cfg.num_actions or act.shape[2] not in a_dims:
+            if (
+                act.dim() != 3
+                or act.shape[0] != b
+                or act.shape[1] != cfg.num_actions
+                or act.shape[2] not in a_dims
+            ):
                 raise ValueError(
                     f"action: expected shape ({b}, {cfg.num_actions}, {self.action_space.input_dim}) for action space "
                     f"{cfg.action_space!r}, got {tuple(act.shape)}"
@@ -95,18 +115,33 @@ class XVLA(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- network
     def encode(
-        self, pixel_values: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+        self,
+        pixel_values: Tensor,
+        image_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
     ) -> EncodedObservation:
         """pixel_values [B, V, 3, H, W], image_mask [B, V], input_ids [B, L] -> EncodedObservation."""
         return self.vlm(pixel_values, image_mask.bool(), input_ids, attention_mask)
 
-    def denoise(self, x_t: Tensor, t: Tensor, proprio: Tensor, domain_id: Tensor, encoded: EncodedObservation) -> Tensor:
+    def denoise(
+        self, x_t: Tensor, t: Tensor, proprio: Tensor, domain_id: Tensor, encoded: EncodedObservation
+    ) -> Tensor:
         """Raw network: x_t [B, T, A], t [B], proprio [B, P], domain_id [B] -> [B, T, A]. Nothing is zeroed here."""
         return self.transformer(
-            domain_id, encoded.vlm_features, encoded.aux_features, x_t, proprio, t, encoded.vlm_mask, encoded.aux_mask
+            domain_id,
+            encoded.vlm_features,
+            encoded.aux_features,
+            x_t,
+            proprio,
+            t,
+            encoded.vlm_mask,
+            encoded.aux_mask,
         )
 
-    def _net(self, x_t: Tensor, t: Tensor, proprio: Tensor, domain_id: Tensor, encoded: EncodedObservation) -> Tensor:
+    def _net(
+        self, x_t: Tensor, t: Tensor, proprio: Tensor, domain_id: Tensor, encoded: EncodedObservation
+    ) -> Tensor:
         """The network as the objective feeds it (gripper inputs zeroed by the action space for x0 models)."""
         if self.config.objective == "x0_renoise":
             proprio, x_t = self.action_space.preprocess(proprio, x_t)
@@ -115,10 +150,14 @@ class XVLA(nn.Module):
         return self.denoise(x_t, t, proprio, domain_id, encoded)
 
     def _encode_batch(self, batch: dict[str, Tensor]) -> EncodedObservation:
-        return self.encode(batch["pixel_values"], batch["image_mask"], batch["input_ids"], batch.get("attention_mask"))
+        return self.encode(
+            batch["pixel_values"], batch["image_mask"], batch["input_ids"], batch.get("attention_mask")
+        )
 
     # ----------------------------------------------------------------------------------------------- training
-    def forward(self, batch: dict[str, Tensor], *, t: Tensor | None = None, noise: Tensor | None = None) -> LossOutput:
+    def forward(
+        self, batch: dict[str, Tensor], *, t: Tensor | None = None, noise: Tensor | None = None
+    ) -> LossOutput:
         """Flow-matching loss. Draws (when not given) in the authors' order: u = rand(1) (t stratified), then noise."""
         self._check_batch(batch, training=True)
         action = self.action_space.pad(batch["action"])
@@ -142,7 +181,9 @@ class XVLA(nn.Module):
 
     # -------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def generate(self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None) -> Tensor:
+    def generate(
+        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed)."""
         self._check_batch(batch, training=False)
         encoded = self._encode_batch(batch)
@@ -162,7 +203,11 @@ class XVLA(nn.Module):
         b = proprio.shape[0]
         if noise is None:
             noise = torch.randn(
-                b, self.config.num_actions, self.action_space.dim, device=proprio.device, dtype=encoded.vlm_features.dtype
+                b,
+                self.config.num_actions,
+                self.action_space.dim,
+                device=proprio.device,
+                dtype=encoded.vlm_features.dtype,
             )
 
         def net(x_t: Tensor, t: Tensor) -> Tensor:
@@ -192,7 +237,12 @@ class XVLA(nn.Module):
         heads = list(tr.action_encoder.parameters()) + list(tr.action_decoder.parameters())
         special = {id(p) for p in soft + heads}
         core = [p for p in tr.parameters() if id(p) not in special]
-        return {"vlm": list(self.vlm.parameters()), "transformer": core, "soft_prompts": soft, "action_heads": heads}
+        return {
+            "vlm": list(self.vlm.parameters()),
+            "transformer": core,
+            "soft_prompts": soft,
+            "action_heads": heads,
+        }
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     @classmethod

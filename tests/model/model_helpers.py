@@ -1,8 +1,7 @@
-"""Shared helpers for model tests: a small 64 px model and a matching random batch."""
+"""Helpers for model tests: a small 64 px config, a matching random batch, and the `build_small_model`."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from xvla.config import HeadConfig, TextConfig, VisionConfig, XVLAConfig
@@ -15,17 +14,32 @@ def small_config(**changes: object) -> XVLAConfig:
     """A fast 64 px config (5 tokens per view) with a tiny vocabulary."""
     cfg = XVLAConfig(
         vision=VisionConfig(
-            embed_dim=(8, 16, 16, 32), num_heads=(1, 2, 2, 4), num_groups=(1, 2, 2, 4), depths=(1, 1, 1, 1), window_size=4
+            embed_dim=(8, 16, 16, 32),
+            num_heads=(1, 2, 2, 4),
+            num_groups=(1, 2, 2, 4),
+            depths=(1, 1, 1, 1),
+            window_size=4,
         ),
-        text=TextConfig(vocab_size=300, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64),
-        head=HeadConfig(hidden_size=32, depth=2, num_heads=4, num_domains=4, len_soft_prompts=4, max_len_seq=128),
+        text=TextConfig(
+            vocab_size=300,
+            d_model=32,
+            encoder_layers=1,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            max_position_embeddings=64,
+        ),
+        head=HeadConfig(
+            hidden_size=32, depth=2, num_heads=4, num_domains=4, len_soft_prompts=4, max_len_seq=128
+        ),
         image_size=64,
         max_text_len=12,
     )
     return cfg.replace(**changes) if changes else cfg
 
 
-def make_batch(cfg: XVLAConfig, b: int = 2, seed: int = 0, views: int | None = None) -> dict[str, torch.Tensor]:
+def make_batch(
+    cfg: XVLAConfig, b: int = 2, seed: int = 0, views: int | None = None
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     v = views or cfg.num_views
     mask = torch.ones(b, v, dtype=torch.bool)
@@ -51,7 +65,7 @@ def make_batch(cfg: XVLAConfig, b: int = 2, seed: int = 0, views: int | None = N
     }
 
 
-@pytest.fixture
-def small_model() -> XVLA:
+def build_small_model() -> XVLA:
+    """A seeded small model in eval mode."""
     torch.manual_seed(0)
     return XVLA(small_config()).eval()

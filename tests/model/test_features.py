@@ -1,0 +1,172 @@
+"""Domains, parameter groups, options beyond the released model, action spaces, presets, tokenizer."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from model_helpers import build_small_model, make_batch, small_config
+
+from xvla.cli import main
+from xvla.config import get_preset
+from xvla.model import XVLA, ActionSpace, available_action_spaces, build_action_space, register_action_space
+from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
+
+
+def test_info_xvla_09b_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--preset", "xvla-0.9b"]) == 0  # meta device: 880M parameters never allocated
+    out = capsys.readouterr().out
+    total = int(re.search(r"total\s+([\d,]+)", out).group(1).replace(",", ""))
+    assert abs(total - 880e6) / 880e6 < 0.01
+    vision = int(re.search(r"vision.*?\s([\d,]{9,})", out).group(1).replace(",", ""))
+    assert abs(vision - 363e6) / 363e6 < 0.01
+
+
+@pytest.mark.parametrize("hetero", [False, True])
+def test_grow_domains_keeps_existing_domains_bit_identical(hetero: bool) -> None:
+    torch.manual_seed(0)
+    cfg = small_config()
+    cfg = cfg.replace(head=type(cfg.head)(**{**cfg.head.__dict__, "use_hetero_proj": hetero}))
+    model = XVLA(cfg).eval()
+    batch = make_batch(cfg, b=4)
+    noise = torch.randn(4, 30, 20)
+    before = model.generate(batch, noise=noise)
+    new_ids = model.grow_domains(2, init_from=1)
+    assert new_ids == [4, 5] and model.config.head.num_domains == 6
+    assert torch.equal(model.generate(batch, noise=noise), before)
+    copied = dict(batch, domain_id=torch.tensor([4, 5, 4, 5]))
+    source = dict(batch, domain_id=torch.tensor([1, 1, 1, 1]))
+    assert torch.equal(model.generate(copied, noise=noise), model.generate(source, noise=noise))
+    model.grow_domains(1)  # fresh init
+    assert model.transformer.soft_prompt_hub.num_embeddings == 7
+    assert torch.equal(model.generate(batch, noise=noise), before)
+
+
+def test_parameter_groups_partition_all_parameters() -> None:
+    small_model = build_small_model()
+    groups = small_model.parameter_groups()
+    assert set(groups) == {"vlm", "transformer", "soft_prompts", "action_heads"}
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(small_model.parameters()))
+    assert groups["soft_prompts"][0] is small_model.transformer.soft_prompt_hub.weight
+
+
+def test_velocity_objective_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    cfg = small_config(objective="velocity")
+    model = XVLA(cfg).train()
+    batch = make_batch(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    noise = torch.randn(2, 30, 20)
+    losses = []
+    for step in range(60):
+        out = model(batch, t=torch.tensor([0.25, 0.75]) + 0.01 * (step % 3), noise=noise)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert set(out.terms) == {"velocity_loss"}
+    assert losses[-1] < 0.3 * losses[0]
+    actions = model.eval().generate(batch, steps=4, noise=noise)
+    assert actions.shape == (2, 30, 20) and torch.isfinite(actions).all()
+
+
+def test_text_padding_mask_option() -> None:
+    torch.manual_seed(0)
+    masked = XVLA(small_config(mask_text_padding=True, mask_missing_views=True)).eval()
+    plain = XVLA(small_config()).eval()
+    plain.load_state_dict(masked.state_dict())
+    batch = make_batch(masked.config)
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    other["input_ids"][-1, 5:] = 7  # change only the padded positions of the last sample
+    noise = torch.randn(2, 30, 20)
+    assert torch.equal(masked.generate(batch, noise=noise)[-1], masked.generate(other, noise=noise)[-1])
+    assert not torch.equal(plain.generate(batch, noise=noise)[-1], plain.generate(other, noise=noise)[-1])
+    assert not torch.equal(masked.generate(batch, noise=noise), plain.generate(batch, noise=noise))
+
+
+def test_default_is_release_behaviour() -> None:
+    small_model = build_small_model()
+    enc = small_model._encode_batch(make_batch(small_model.config))
+    assert enc.vlm_mask is None and enc.aux_mask is None
+    assert enc.aux_features.shape == (2, 2 * 5, 32)  # 64 px -> 1 + 2x2 tokens per view
+    assert torch.count_nonzero(enc.aux_features[-1]) == 0  # missing views: zero features, tokens kept
+
+
+def test_action_spaces() -> None:
+    assert {"ee6d", "joint", "agibot_ee6d", "auto"} <= set(available_action_spaces())
+    pred, target = torch.randn(2, 30, 20), torch.rand(2, 30, 20).round()
+    ee = build_action_space("ee6d").loss_terms(pred, target)
+    assert set(ee) == {"position_loss", "rotate6D_loss", "gripper_loss"}
+    expected_pos = 500 * (
+        (pred[..., :3] - target[..., :3]).square().mean()
+        + (pred[..., 10:13] - target[..., 10:13]).square().mean()
+    )
+    torch.testing.assert_close(ee["position_loss"].mean(), expected_pos)
+    agi = build_action_space("agibot_ee6d")
+    p, x = agi.preprocess(torch.ones(2, 20), torch.ones(2, 30, 20))
+    assert p.sum() == 40 and torch.equal(agi.postprocess(pred), pred)
+    joint = build_action_space("joint")
+    assert set(joint.loss_terms(pred[..., :14], target[..., :14])) == {"joints_loss", "gripper_loss"}
+    auto = build_action_space("auto", real_dim=7, max_dim=20)
+    assert auto.pad(torch.ones(2, 30, 7)).shape == (2, 30, 20) and auto.postprocess(pred).shape == (2, 30, 7)
+    ee6 = build_action_space("ee6d")
+    pm, xm = ee6.preprocess(torch.ones(2, 20), torch.ones(2, 30, 20))
+    assert pm[:, [9, 19]].abs().sum() == 0 and xm[..., [9, 19]].abs().sum() == 0 and xm.sum() == 2 * 30 * 18
+
+
+def test_register_new_action_space() -> None:
+    @register_action_space("test_single_arm7")
+    class SingleArm(ActionSpace):
+        dim = 7
+
+        def loss_terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"mse": (pred - target).square().flatten(1).mean(1)}
+
+    torch.manual_seed(0)
+    cfg = small_config(action_space="test_single_arm7", proprio_dim=7)
+    model = XVLA(cfg).eval()
+    batch = make_batch(cfg)
+    assert set(model(batch).terms) == {"mse"}
+    assert model.generate(batch, steps=2).shape == (2, 30, 7)
+
+
+def test_joint_model_runs() -> None:
+    cfg = small_config(action_space="joint", proprio_dim=14)
+    model = XVLA(cfg).eval()
+    batch = make_batch(cfg)
+    assert model(batch).per_sample.shape == (2,)
+    assert model.generate(batch, steps=2).shape == (2, 30, 14)
+
+
+def test_presets_build() -> None:
+    demo = get_preset("demo")
+    assert demo.image_size == 64 and demo.tokens_per_view == 5
+    assert get_preset("tiny").tokens_per_view == 50
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_tokenizer_build_and_load(tmp_path) -> None:
+    tok = build_tokenizer(tmp_path, vocab_size=300)
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    check_fits(tok, small_config().text.vocab_size)
+    ids = load_tokenizer(tmp_path)(
+        "put the cube in the bowl", padding="max_length", max_length=40, truncation=True
+    )["input_ids"]
+    assert ids[0] == 0 and 2 in ids and ids[-1] == 1 and max(ids) < 300
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_fits(tok, 100)
+
+
+def test_save_keeps_other_files_and_overwrites(tmp_path) -> None:
+    small_model = build_small_model()
+    ckpt = tmp_path / "ckpt"
+    small_model.save_pretrained(ckpt)
+    build_tokenizer(ckpt, vocab_size=300)
+    small_model.grow_domains(1)
+    small_model.save_pretrained(ckpt)
+    assert (ckpt / "tokenizer.json").is_file()
+    assert XVLA.from_pretrained(ckpt).config.head.num_domains == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folders left behind

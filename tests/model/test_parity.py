@@ -1,0 +1,57 @@
+"""Parity with the authors' and LeRobot's fixtures, through the `xvla parity` command."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import fixture_dir
+from xvla.cli import main
+from xvla.model import XVLA
+from xvla.model.parity import run_parity
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"), [("xvla_official_tiny", "authors"), ("xvla_lerobot_tiny", "lerobot")]
+)
+def test_parity_cli_passes(name: str, layout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = fixture_dir(name)
+    assert main(["parity", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint layout: {layout}" in out
+    for key in ("vlm_features", "denoise_pre_out", "loss_total", "gen_actions", "gen_step_pred"):
+        assert f"ok   {key}" in out
+    if layout == "lerobot":
+        assert "ok   pol_gen_actions" in out and "ok   pol_loss_total" in out
+
+
+def test_corrupted_weight_fails_parity(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = fixture_dir("xvla_official_tiny")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    state = load_file(str(folder / "model.safetensors"))
+    state["transformer.norm.weight"] = state["transformer.norm.weight"] + 1e-3
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["parity", str(tmp_path), "--refs", str(folder / "refs.safetensors")]) == 1
+    assert "FAIL denoise_raw_out" in capsys.readouterr().out
+
+
+def test_authors_layout_to_ours_roundtrip(tmp_path) -> None:
+    folder = fixture_dir("xvla_official_tiny")
+    authors = XVLA.from_pretrained(folder)
+    authors.save_pretrained(tmp_path / "ours")
+    ours = XVLA.from_pretrained(tmp_path / "ours")
+    refs = load_file(str(folder / "refs.safetensors"))
+    batch = {
+        "pixel_values": refs["in_pixel_values"],
+        "image_mask": refs["in_image_mask"].bool(),
+        "input_ids": refs["in_input_ids"],
+        "domain_id": refs["in_domain_id"],
+        "proprio": refs["in_proprio"],
+    }
+    noise = refs["gen_x1_noise"]
+    assert torch.equal(ours.generate(batch, noise=noise), authors.generate(batch, noise=noise))
+    results, layout = run_parity(tmp_path / "ours", folder / "refs.safetensors")
+    assert layout == "xvla" and all(r.ok for r in results)
