@@ -125,18 +125,18 @@ def test_valid_frames_skip_static_windows() -> None:
     traj = _canonical(
         np.stack([x, np.zeros(60), np.zeros(60)], 1), np.broadcast_to(np.eye(3), (60, 3, 3)), np.zeros(60)
     )
-    valid = anchors.valid_frames(times, traj, horizon_s=0.55)
+    valid = anchors.valid_frames(times, traj, times, traj, horizon_s=0.55)
     # frames whose window reaches the motion (frame 21 is the first to move) up to the last moving frame (39)
     np.testing.assert_array_equal(valid, np.arange(16, 39))
     traj[50, 9] = 1.0  # a gripper change alone makes a window non-static
-    assert 50 in anchors.valid_frames(times, traj, horizon_s=0.55)
+    assert 50 in anchors.valid_frames(times, traj, times, traj, horizon_s=0.55)
     traj[50, 9] = 1e-6  # below the 1e-5 threshold
-    assert 50 not in anchors.valid_frames(times, traj, horizon_s=0.55)
+    assert 50 not in anchors.valid_frames(times, traj, times, traj, horizon_s=0.55)
 
 
 def test_bad_timestamps_raise() -> None:
     traj = np.zeros((3, 20))
     with pytest.raises(ValueError, match="strictly increasing"):
-        anchors.valid_frames(np.array([0.0, 0.1, 0.1]), traj, 1.0)
+        anchors.valid_frames(np.array([0.0, 0.1, 0.1]), traj, np.arange(3.0), traj, 1.0)
     with pytest.raises(ValueError, match=r"expected shape \(3,\)"):
-        anchors.valid_frames(np.zeros(4), traj, 1.0)
+        anchors.valid_frames(np.arange(3.0), traj, np.arange(4.0), traj, 1.0)

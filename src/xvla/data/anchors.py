@@ -94,14 +94,27 @@ def intention_targets(
 
 
 def valid_frames(
-    times: np.ndarray, traj: np.ndarray, horizon_s: float, threshold: float = STATIC_THRESHOLD
+    frame_times: np.ndarray,
+    proprio: np.ndarray,
+    target_times: np.ndarray,
+    targets: np.ndarray,
+    horizon_s: float,
+    threshold: float = STATIC_THRESHOLD,
 ) -> np.ndarray:
-    """Indices [M] of the frames whose window ``[t, t + horizon_s]`` is not static: some sample of ``traj``
-    [N, P] inside it differs from the frame's own value by more than ``threshold`` (max abs over dims)."""
-    traj = np.asarray(traj, dtype=np.float64)
-    times = _check_times(times, len(traj))
-    ends = np.searchsorted(times, times + horizon_s, side="right")
+    """Indices [M'] of the frames worth training on: frame i (at ``frame_times`` [M], value ``proprio`` [M, P])
+    is static, and skipped, when every sample of ``targets`` [N, P] (at ``target_times`` [N]) inside its window
+    ``[t_i, t_i + horizon_s]`` is within ``threshold`` of ``proprio[i]`` (max abs over dims). With the state
+    stream as targets pass the same arrays twice."""
+    proprio = np.asarray(proprio, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    frame_times = _check_times(frame_times, len(proprio))
+    target_times = _check_times(target_times, len(targets))
+    eps = 1e-9  # timestamps that are sums of float periods are equal only up to rounding
+    starts = np.searchsorted(target_times, frame_times - eps, side="left")
+    ends = np.searchsorted(target_times, frame_times + horizon_s + eps, side="right")
     keep = [
-        i for i in range(len(traj)) if np.max(np.abs(traj[i : ends[i]] - traj[i]), initial=0.0) > threshold
+        i
+        for i in range(len(proprio))
+        if np.max(np.abs(targets[starts[i] : ends[i]] - proprio[i]), initial=0.0) > threshold
     ]
     return np.asarray(keep, dtype=np.int64)
