@@ -1,0 +1,113 @@
+"""`xvla serve` and `xvla replay`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over WebSocket (openpi protocol) and HTTP (/act, /healthz) on one port",
+        description="Serve a checkpoint. Without --source the server speaks the raw model protocol (the authors' "
+        "/act fields: image0..2, language_instruction, proprio, domain_id); with --source requests carry the "
+        "robot's native state and camera images and get native actions at its control rate.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder or hub id")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="source name from the checkpoint's sources.json, or a source JSON/YAML file",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8010)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Api-Key KEY' (default: none)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others"
+    )
+    p.add_argument(
+        "--max-message-mb", type=float, default=16.0, help="largest accepted message / request body"
+    )
+    _policy_args(p)
+    p.set_defaults(func=_serve)
+
+    r = subparsers.add_parser(
+        "replay",
+        help="train/serve consistency: replay dataset frames through the serving path and report the error",
+        description="Replays validation frames (native state and camera frames, as a robot would send them) "
+        "through Policy with each frame's Source, checks that the model inputs equal the training transform's, "
+        "and reports the L1 of sampled chunks vs the dataset's targets in canonical space, per source.",
+    )
+    r.add_argument("checkpoint", help="checkpoint folder or hub id")
+    r.add_argument("--mixture", required=True, help="mixture JSON/YAML file")
+    r.add_argument("--split", default="val", choices=("train", "val"))
+    r.add_argument("--samples", type=int, default=64, help="frames to replay")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--data-seed", type=int, default=0, help="MixtureDataset seed (frames drawn)")
+    r.add_argument("--json", default=None, help="also write the report to this JSON file")
+    _policy_args(r)
+    r.set_defaults(func=_replay)
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per query")
+    p.add_argument("--seed", type=int, default=None, help="fixed sampling noise (reproducible outputs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _policy(args: argparse.Namespace, source: str | None):
+    import torch
+
+    from xvla.serve.policy import Policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Policy.from_checkpoint(
+        args.checkpoint, source=source, device=args.device, steps=args.steps, seed=args.seed
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from xvla.serve.server import ServerConfig, run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_message_mb=args.max_message_mb,
+    )
+    policy = _policy(args, args.source)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        logging.warning(
+            "serving on %s without --api-key: anyone who can reach this port can drive the robot", args.host
+        )
+    run_server(policy, config)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from xvla.data.sources import Mixture
+    from xvla.serve.replay import format_report, replay
+
+    policy = _policy(args, None)
+    report = replay(
+        policy,
+        Mixture.load(args.mixture),
+        split=args.split,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.data_seed,
+    )
+    sys.stdout.write(format_report(report) + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0

@@ -1,0 +1,403 @@
+"""Policy server: WebSocket (openpi protocol) and HTTP (`GET /healthz`, `POST /act`) on one port.
+
+One asyncio event loop (the `websockets` server) owns the sockets; model work runs in a single worker thread
+fed by a dynamic batcher, so the loop keeps answering pings, health checks and malformed requests while
+the model computes. Concurrent requests that arrive within `max_wait_ms` of each other share one forward pass
+(up to `max_batch`).
+
+WebSocket protocol (wire-compatible with `openpi_client.websocket_client_policy.WebsocketClientPolicy`):
+on connect the server sends the policy metadata (msgpack); each binary msgpack observation is answered with a
+msgpack dict holding `actions` and `server_timing`; a bad request is answered with a text frame naming the
+problem and the connection stays open. A message over the size limit closes that connection with code 1009
+and a reason naming the size (the frame is never read into memory); the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Generator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from typing import Any, Protocol
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response, parse_headers, parse_line
+from websockets.protocol import Protocol as _FrameProtocol
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from xvla.serve.protocol import RequestError, decode_json, encode_json, packb, unpackb
+
+logger = logging.getLogger(__name__)
+
+
+class ServablePolicy(Protocol):
+    """What the server needs from a policy (`xvla.serve.policy.Policy` implements it)."""
+
+    metadata: dict[str, Any]
+
+    def prepare(
+        self, obs: Mapping[str, Any]
+    ) -> Any: ...  # validates + transforms; raises RequestError (thread-safe)
+
+    def prepare_raw(self, obs: Mapping[str, Any]) -> Any: ...  # the authors' /act fields
+
+    def run(self, prepared: list[Any]) -> list[dict[str, Any]]: ...  # one batched forward pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8010  # 0 picks a free port
+    api_key: str | None = None  # clients send `Authorization: Api-Key <key>`
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_message_mb: float = 16.0
+    open_timeout_s: float = 30.0  # covers a POST /act waiting for its inference
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_message_mb <= 0:
+            raise ValueError(f"max_message_mb must be > 0, got {self.max_message_mb}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dynamic batching
+
+
+@dataclasses.dataclass
+class _Job:
+    prepared: Any  # validated model inputs (Policy.prepare's result)
+    future: asyncio.Future[dict[str, Any]]
+    enqueued: float
+    prep_ms: float
+
+
+class Batcher:
+    """Validates requests on their own thread (a bad request is answered at once, never queued behind the
+    model), then groups valid ones into batches for the single model thread."""
+
+    def __init__(self, policy: ServablePolicy, max_batch: int, max_wait_ms: float) -> None:
+        self.policy = policy
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        # One validation thread: fast tokenizers must not be called from two threads at once.
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xvla-prep")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xvla-infer")
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, obs: Any, *, raw: bool = False) -> dict[str, Any]:
+        """Validate and queue one request; returns the policy's reply plus `server_timing`, or raises
+        RequestError naming the problem. `raw`: the authors' /act fields rather than the policy's own format."""
+        if not isinstance(obs, Mapping):
+            raise RequestError(f"observation must be a map, got {type(obs).__name__}")
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        prepared = await loop.run_in_executor(
+            self._prep, self.policy.prepare_raw if raw else self.policy.prepare, obs
+        )
+        now = time.perf_counter()
+        job = _Job(prepared, loop.create_future(), now, (now - start) * 1000.0)
+        await self._queue.put(job)
+        return await job.future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            deadline = jobs[0].enqueued + self.max_wait_s
+            while len(jobs) < self.max_batch:
+                if not self._queue.empty():
+                    jobs.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._model, self.policy.run, [j.prepared for j in jobs])
+            except Exception as err:  # a model failure fails this batch, never the server
+                logger.exception("inference failed")
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(
+                            RuntimeError(f"inference failed: {type(err).__name__}: {err}")
+                        )
+                continue
+            infer_ms = (time.perf_counter() - start) * 1000.0
+            for job, result in zip(jobs, results, strict=True):
+                if job.future.done():  # the client went away
+                    continue
+                timing = {
+                    "prep_ms": job.prep_ms,
+                    "queue_ms": (start - job.enqueued) * 1000.0,
+                    "infer_ms": infer_ms,
+                    "batch_size": len(jobs),
+                }
+                job.future.set_result({**result, "server_timing": timing})
+
+    def close(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
+        self._model.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HTTP POST support inside the websockets server
+
+
+@dataclasses.dataclass
+class _PostRequest(Request):
+    body: bytes = b""
+
+
+class _PostServerProtocol(ServerProtocol):
+    """websockets' handshake parser refuses request bodies; this one also reads `POST` bodies (<= max_size)
+    and hands them to `process_request` as a `_PostRequest`. Every other request goes the usual way."""
+
+    def parse(self) -> Generator[None, None, None]:
+        if self.state is State.CONNECTING:
+            while len(self.reader.buffer) < 5 and not self.reader.eof:
+                yield
+            if bytes(self.reader.buffer[:5]) == b"POST ":
+                yield from self._parse_post()
+                return
+        yield from super().parse()
+
+    def _parse_post(self) -> Generator[None, None, None]:
+        limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # renamed in websockets 16
+        try:
+            method, path, version = bytes((yield from parse_line(self.reader.read_line))).split(b" ", 2)
+            headers = yield from parse_headers(self.reader.read_line)
+            if "Transfer-Encoding" in headers:
+                raise ValueError("chunked bodies are not supported; send Content-Length")
+            length = int(headers.get("Content-Length", "0"))
+            if length < 0:
+                raise ValueError(f"invalid Content-Length {length}")
+            if limit is not None and length > limit:
+                self.send_response(
+                    self.reject(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"request body of {length} bytes exceeds the limit of {limit} bytes\n",
+                    )
+                )
+                yield
+                return
+            body = yield from self.reader.read_exact(length)
+        except Exception as err:
+            self.send_response(self.reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {err}\n"))
+            yield
+            return
+        self.events.append(
+            _PostRequest(
+                path.decode("ascii", "replace"),
+                headers,
+                method.decode("ascii", "replace"),
+                version.decode("ascii", "replace"),
+                body=bytes(body),
+            )
+        )
+        yield from _FrameProtocol.parse(self)
+
+
+class _Connection(ServerConnection):
+    def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        # No bytes have arrived yet (asyncio calls connection_made after the factory): restart the parser.
+        protocol.__class__ = _PostServerProtocol
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
+        super().__init__(protocol, *args, **kwargs)
+
+
+def _json_response(conn: ServerConnection, status: int, obj: Mapping[str, Any]) -> Response:
+    response = conn.respond(status, encode_json(obj).decode())
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Server
+
+
+class PolicyServer:
+    """Serves a policy on one port; `await server.serve(stop)` runs until `stop` resolves."""
+
+    def __init__(self, policy: ServablePolicy, config: ServerConfig = ServerConfig()) -> None:
+        self.policy = policy
+        self.config = config
+        self.port: int | None = None
+        self._batcher: Batcher | None = None
+        self._metadata = packb(dict(policy.metadata))
+
+    async def serve(
+        self, stop: asyncio.Future[Any] | asyncio.Event, ready: threading.Event | None = None
+    ) -> None:
+        cfg = self.config
+        self._batcher = Batcher(self.policy, cfg.max_batch, cfg.max_wait_ms)
+        batch_task = asyncio.create_task(self._batcher.run())
+        try:
+            async with serve(
+                self._handle_ws,
+                cfg.host,
+                cfg.port,
+                process_request=self._process_request,
+                create_connection=_Connection,
+                compression=None,  # images do not deflate; save the CPU
+                max_size=cfg.max_message_bytes,
+                open_timeout=cfg.open_timeout_s,
+            ) as server:
+                self.port = _bound_port(server)
+                logger.info("serving on %s:%d (ws + http)", cfg.host, self.port)
+                if ready is not None:
+                    ready.set()
+                await (stop.wait() if isinstance(stop, asyncio.Event) else stop)
+        finally:
+            batch_task.cancel()
+            self._batcher.close()
+
+    def _authorized(self, headers: Headers) -> bool:
+        if self.config.api_key is None:
+            return True
+        expected = f"Api-Key {self.config.api_key}"
+        return hmac.compare_digest(headers.get("Authorization", "").encode(), expected.encode())
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz" and request.method == "GET":
+            assert self._batcher is not None
+            return _json_response(conn, 200, {"status": "ok", "pending": self._batcher.pending})
+        if not self._authorized(request.headers):
+            return conn.respond(
+                HTTPStatus.UNAUTHORIZED, "missing or wrong API key (send 'Authorization: Api-Key <key>')\n"
+            )
+        if isinstance(request, _PostRequest):
+            if path != "/act":
+                return conn.respond(HTTPStatus.NOT_FOUND, f"no POST route {path!r}; POST /act\n")
+            return await self._act(conn, request.body)
+        if request.method != "GET":
+            return conn.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"method {request.method} not allowed\n")
+        return None  # WebSocket handshake (any path, as openpi's server)
+
+    async def _act(self, conn: ServerConnection, body: bytes) -> Response:
+        """The authors' `POST /act`: json-numpy fields in, `{"action": [[20 floats] x 30]}` out."""
+        assert self._batcher is not None
+        try:
+            reply = await self._batcher.submit(decode_json(body), raw=True)
+        except RequestError as err:
+            return _json_response(conn, 400, {"error": str(err)})
+        except Exception as err:
+            return _json_response(conn, 500, {"error": f"{type(err).__name__}: {err}"})
+        return _json_response(
+            conn, 200, {"action": reply["actions"], "server_timing": reply["server_timing"]}
+        )
+
+    async def _handle_ws(self, conn: ServerConnection) -> None:
+        assert self._batcher is not None
+        try:
+            await conn.send(self._metadata)
+            async for message in conn:
+                try:
+                    if isinstance(message, str):
+                        raise RequestError("expected a binary msgpack message, got a text frame")
+                    reply = packb(await self._batcher.submit(unpackb(message)))
+                except RequestError as err:
+                    await conn.send(f"invalid request: {err}")
+                    continue
+                except Exception as err:
+                    logger.exception("request failed")
+                    await conn.send(f"server error: {type(err).__name__}: {err}")
+                    continue
+                await conn.send(reply)
+        except ConnectionClosed:
+            pass
+
+
+def _bound_port(server: Server) -> int:
+    return int(next(iter(server.sockets)).getsockname()[1])
+
+
+def run_server(policy: ServablePolicy, config: ServerConfig) -> None:
+    """Serve until SIGINT/SIGTERM (blocking)."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await PolicyServer(policy, config).serve(stop)
+
+    asyncio.run(main())
+
+
+class ServerThread:
+    """A server on a background thread (tests, benchmarks, notebooks): `with ServerThread(policy) as s: s.port`."""
+
+    def __init__(self, policy: ServablePolicy, config: ServerConfig = ServerConfig(port=0)) -> None:
+        self.server = PolicyServer(policy, config)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="xvla-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._stop = asyncio.Event()
+        try:
+            self._loop.run_until_complete(self.server.serve(self._stop, self._ready))
+        except BaseException as err:
+            self._error = err
+            self._ready.set()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(timeout=60)
+        if self._error is not None or self.server.port is None:
+            raise RuntimeError(f"server failed to start: {self._error!r}")
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.server.config.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["Batcher", "PolicyServer", "ServerConfig", "ServerThread", "ServablePolicy", "run_server"]

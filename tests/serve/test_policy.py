@@ -1,0 +1,188 @@
+"""Policy: same transforms as training, native actions at the control rate, queueing, open loop, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import STEPS, arm_source, raw_obs, robot_obs
+from xvla.data.transforms import ObservationTransform
+from xvla.serve.policy import Policy, resample_anchors
+from xvla.serve.protocol import RequestError
+
+
+def test_infer_gives_native_actions_at_control_rate(policy: Policy) -> None:
+    reply = policy.infer(robot_obs(np.random.default_rng(0)))
+    # 2 s horizon at 10 Hz -> 20 native steps of [dxyz cm, d axis-angle, binary gripper]
+    assert reply["actions"].shape == (20, 7) and reply["actions"].dtype == np.float32
+    assert reply["anchors"].shape == (30, 20)
+    assert np.isfinite(reply["actions"]).all()
+    assert set(np.unique(reply["actions"][:, 6])) <= {-1.0, 1.0}
+    other = policy.infer({**robot_obs(np.random.default_rng(0)), "domain": "other_arm"})
+    assert other["actions"].shape == (10, 7) and other["domain"] == "other_arm"  # 5 Hz source
+
+
+def test_serving_inputs_equal_training_transform(policy: Policy) -> None:
+    """One code path: the model inputs equal ObservationTransform(train=False) on the training-style sample."""
+    obs = robot_obs(np.random.default_rng(1))
+    source = policy.source
+    assert source is not None
+    raw = {
+        "images": [cam.apply(obs["images"][cam.key]) for cam in source.cameras],
+        "instruction": obs["instruction"],
+        "proprio": source.state_to_canonical(obs["state"]).astype(np.float32),
+        "domain_id": source.domain_id,
+    }
+    expected = ObservationTransform(policy.model.config, policy.tokenizer, train=False)(raw)
+    got = policy.prepare(obs).inputs
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    # the wrist camera is flipped as the source says
+    flipped = ObservationTransform(policy.model.config, policy.tokenizer, train=False).image(
+        obs["images"]["observation.images.wrist"][::-1, ::-1]
+    )
+    torch.testing.assert_close(got["pixel_values"][1], flipped, rtol=0, atol=0)
+
+
+def test_resampling_hits_the_anchors_when_rates_coincide(policy: Policy) -> None:
+    source = dataclasses.replace(
+        arm_source(), horizon_s=3.0, control_hz=10.0
+    )  # 30 steps = the 30 anchor times
+    obs = robot_obs(np.random.default_rng(2))
+    prepared = policy.with_source(source).prepare(obs)
+    anchors = policy.run([prepared])[0]["anchors"]
+    canonical = resample_anchors(source, prepared.proprio, anchors)
+    assert canonical.shape == (30, 20)
+    np.testing.assert_allclose(canonical[:, :3], anchors[:, :3], atol=1e-5)  # positions
+    np.testing.assert_allclose(canonical[:, 9], anchors[:, 9], atol=1e-6)  # gripper
+    # half the rate: every other anchor
+    slow = dataclasses.replace(source, control_hz=5.0)
+    np.testing.assert_allclose(
+        resample_anchors(slow, prepared.proprio, anchors)[:, :3], anchors[1::2, :3], atol=1e-5
+    )
+
+
+def test_native_actions_reach_the_predicted_poses(policy: Policy) -> None:
+    """Chaining the native deltas from the sensed state reproduces the canonical poses at the control rate."""
+    obs = robot_obs(np.random.default_rng(3))
+    reply = policy.infer(obs)
+    source = policy.source
+    assert source is not None
+    state = np.asarray(obs["state"], dtype=np.float64)
+    states = [state]
+    for a in reply["actions"][:-1]:
+        nxt = source.actions_to_canonical(a[None], states[-1][None])[0]
+        # back to a native state row: xyz + quat + gripper (state gripper open=0.08, closed=0)
+        quat = _rot6d_to_quat(nxt[3:9])
+        states.append(np.concatenate([nxt[:3], quat, [0.08 * (1 - nxt[9])]]))
+    reached = source.actions_to_canonical(reply["actions"].astype(np.float64), np.stack(states))
+    np.testing.assert_allclose(reached[:, :3], reply["canonical"][:, :3], atol=1e-4)
+
+
+def _rot6d_to_quat(r6: np.ndarray) -> np.ndarray:
+    from xvla.data import rotations
+
+    return rotations.matrix_to_quat(rotations.to_matrix(r6[None], rotations.rot6d_format("contiguous")))[0]
+
+
+def test_batch_equals_single_with_seeded_noise(policy: Policy) -> None:
+    rng = np.random.default_rng(4)
+    observations = [robot_obs(rng) for _ in range(3)]
+    batched = policy.infer_batch(observations)
+    for obs, reply in zip(observations, batched, strict=True):
+        np.testing.assert_allclose(policy.infer(obs)["anchors"], reply["anchors"], atol=1e-5)
+
+
+def test_step_queue_and_open_loop(policy: Policy) -> None:
+    calls: list[np.ndarray] = []
+    looped = Policy(
+        policy.model,
+        policy.tokenizer,
+        source=policy.source,
+        config=dataclasses.replace(policy.config, execute_steps=5, proprio_mode="open_loop"),
+    )
+    original = looped.prepare
+
+    def spy(obs, *, proprio=None):  # noqa: ANN001, ANN202
+        prepared = original(obs, proprio=proprio)
+        calls.append(prepared.proprio.copy())
+        return prepared
+
+    looped.prepare = spy  # type: ignore[method-assign]
+    obs = robot_obs(np.random.default_rng(5))
+    first_reply = looped.infer(obs)
+    calls.clear()
+    actions = [looped.step(obs) for _ in range(7)]
+    assert len(calls) == 2  # queried at step 0 and step 5
+    assert all(a.shape == (7,) for a in actions)
+    np.testing.assert_allclose(actions[:5], first_reply["actions"][:5], atol=1e-5)
+    # open loop: the second query's proprio is the predicted pose of the 5th executed step
+    np.testing.assert_allclose(calls[1], first_reply["canonical"][4], atol=1e-5)
+    looped.reset()
+    calls.clear()
+    looped.step(obs)
+    np.testing.assert_allclose(calls[0], policy.source.state_to_canonical(obs["state"]), atol=1e-6)  # type: ignore[union-attr]
+
+
+def test_raw_protocol(raw_policy: Policy) -> None:
+    reply = raw_policy.infer(raw_obs(np.random.default_rng(6)))
+    assert reply["actions"].shape == (30, 20)
+    assert raw_policy.metadata["protocol"] == "raw" and raw_policy.metadata["proprio_dim"] == 20
+    more = raw_policy.infer({**raw_obs(np.random.default_rng(6)), "steps": STEPS + 1})
+    assert more["actions"].shape == (30, 20)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda o: o["images"].pop("observation.images.wrist"), "missing camera 'observation.images.wrist'"),
+        (
+            lambda o: o["images"].update({"observation.images.front": np.zeros((8, 8, 3), np.float32)}),
+            "expected dtype uint8",
+        ),
+        (
+            lambda o: o["images"].update({"observation.images.front": np.zeros((8, 8), np.uint8)}),
+            r"expected shape \[H, W, 3\]",
+        ),
+        (lambda o: o["images"].update({"side": np.zeros((8, 8, 3), np.uint8)}), "unknown camera"),
+        (lambda o: o.update(state=np.full(8, np.nan, np.float32)), "state: contains NaN"),
+        (lambda o: o.update(state=np.zeros(6, np.float32)), r"state: expected shape \[8\]"),
+        (lambda o: o.update(domain="mars_rover"), "unknown domain 'mars_rover'"),
+        (lambda o: o.pop("instruction"), "missing field 'instruction'"),
+        (lambda o: o.update(steps=0), "steps: 0 is out of range"),
+    ],
+)
+def test_bad_robot_requests_name_the_problem(policy: Policy, change, needle: str) -> None:  # noqa: ANN001
+    obs = robot_obs(np.random.default_rng(7))
+    change(obs)
+    with pytest.raises(RequestError, match=needle):
+        policy.prepare(obs)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda o: o.pop("image0"), "missing field 'image0'"),
+        (lambda o: o.update(domain_id=99), "domain_id: 99 is out of range"),
+        (lambda o: o.update(proprio=[0.0] * 19), r"proprio: expected shape \[20\]"),
+        (
+            lambda o: (o.pop("image1"), o.update(image2=np.zeros((4, 4, 3), np.uint8))),
+            "image2: given without image1",
+        ),
+        (lambda o: o.update(language_instruction=5), "language_instruction: expected a string"),
+    ],
+)
+def test_bad_raw_requests_name_the_problem(raw_policy: Policy, change, needle: str) -> None:  # noqa: ANN001
+    obs = raw_obs(np.random.default_rng(8))
+    change(obs)
+    with pytest.raises(RequestError, match=needle):
+        raw_policy.prepare(obs)
+
+
+def test_from_checkpoint_names_unknown_source(checkpoint) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="source 'nope': not in"):
+        Policy.from_checkpoint(checkpoint, source="nope", device="cpu")

@@ -1,0 +1,276 @@
+"""A real server on 127.0.0.1 (free port): clients, protocols, errors, batching, fuzzing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import json_numpy
+import msgpack
+import numpy as np
+import pytest
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from conftest import raw_obs, robot_obs
+from xvla.serve import protocol
+from xvla.serve.client import PolicyClient, ServerError
+from xvla.serve.policy import Policy
+from xvla.serve.server import ServerConfig, ServerThread
+
+
+def _http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=body, headers=headers or {}, method="POST" if body is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_clients_get_the_same_actions_as_the_policy(robot_server: ServerThread, policy: Policy) -> None:
+    obs = robot_obs(np.random.default_rng(10))
+    direct = policy.infer(obs)
+    with PolicyClient("127.0.0.1", robot_server.port, api_key="secret") as client:
+        meta = client.metadata
+        assert meta["protocol"] == "source" and meta["chunk_length"] == 20 and meta["control_hz"] == 10.0
+        assert meta["cameras"] == ["observation.images.front", "observation.images.wrist"]
+        reply = client.infer(obs)
+    assert reply["actions"].shape == (20, 7)
+    np.testing.assert_allclose(reply["actions"], direct["actions"], atol=1e-4)
+    timing = reply["server_timing"]
+    assert timing["batch_size"] >= 1 and timing["infer_ms"] > 0 and timing["queue_ms"] >= 0
+
+    openpi = WebsocketClientPolicy("127.0.0.1", robot_server.port, api_key="secret")
+    assert openpi.get_server_metadata()["domains"] == {"toy_arm": 3, "other_arm": 5}
+    np.testing.assert_allclose(openpi.infer(obs)["actions"], direct["actions"], atol=1e-4)
+    with pytest.raises(RuntimeError, match="missing field 'state'"):  # errors reach openpi clients as text
+        openpi.infer({k: v for k, v in obs.items() if k != "state"})
+    np.testing.assert_allclose(openpi.infer(obs)["actions"], direct["actions"], atol=1e-4)  # still serving
+
+
+def test_authors_http_act_protocol(raw_server: ServerThread, raw_policy: Policy) -> None:
+    obs = raw_obs(np.random.default_rng(11))
+    status, body = _http(
+        f"http://127.0.0.1:{raw_server.port}/act",
+        json_numpy.dumps(obs).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200, body
+    action = np.asarray(json.loads(body)["action"])
+    assert action.shape == (30, 20)
+    np.testing.assert_allclose(action, raw_policy.infer(obs)["actions"], atol=1e-4)
+    # the same fields over the WebSocket
+    with PolicyClient("127.0.0.1", raw_server.port) as client:
+        assert client.metadata["protocol"] == "raw"
+        np.testing.assert_allclose(client.infer(obs)["actions"], action, atol=1e-4)
+    bad = {**obs, "proprio": np.full(20, np.nan)}
+    status, body = _http(f"http://127.0.0.1:{raw_server.port}/act", json_numpy.dumps(bad).encode())
+    assert status == 400 and "proprio: contains NaN" in json.loads(body)["error"]
+    assert _http(f"http://127.0.0.1:{raw_server.port}/act", b"{not json")[0] == 400
+    assert _http(f"http://127.0.0.1:{raw_server.port}/nope", b"{}")[0] == 404
+    assert _http(f"http://127.0.0.1:{raw_server.port}/act", b"x" * (2 * 2**20))[0] == 413
+    status, body = _http(f"http://127.0.0.1:{raw_server.port}/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_api_key(robot_server: ServerThread) -> None:
+    url = f"http://127.0.0.1:{robot_server.port}"
+    assert _http(url + "/act", b"{}")[0] == 401
+    assert _http(url + "/act", b"{}", {"Authorization": "Api-Key wrong"})[0] == 401
+    assert _http(url + "/healthz")[0] == 200  # health checks need no key
+    with pytest.raises(ServerError, match="401"):
+        PolicyClient("127.0.0.1", robot_server.port, api_key="wrong")
+    with pytest.raises(InvalidStatus):
+        WebsocketClientPolicy("127.0.0.1", robot_server.port)
+
+
+BAD_REQUESTS: list[tuple[Any, str]] = [
+    ("a text frame", "expected a binary msgpack message"),
+    (b"\xc1\x00", "invalid msgpack"),
+    (protocol.packb([1, 2, 3]), "must be a map"),
+    (protocol.packb({"image0": np.zeros((64, 64, 3), np.uint8)}), "missing field"),
+    ("no camera", "missing camera"),
+    ("float image", "expected dtype uint8"),
+    ("flat image", r"expected shape \[H, W, 3\]"),
+    ("unknown domain", "unknown domain 'moon'"),
+    ("nan state", "state: contains NaN"),
+]
+
+
+def _bad(kind: Any) -> bytes | str:
+    if isinstance(kind, bytes):
+        return kind
+    obs = robot_obs(np.random.default_rng(12))
+    if kind == "no camera":
+        del obs["images"]["observation.images.front"]
+    elif kind == "float image":
+        obs["images"]["observation.images.front"] = np.zeros((8, 8, 3), np.float32)
+    elif kind == "flat image":
+        obs["images"]["observation.images.front"] = np.zeros((8, 8), np.uint8)
+    elif kind == "unknown domain":
+        obs["domain"] = "moon"
+    elif kind == "nan state":
+        obs["state"][2] = np.nan
+    else:
+        return kind  # sent as a text frame
+    return protocol.packb(obs)
+
+
+def test_bad_requests_are_answered_and_the_connection_keeps_serving(robot_server: ServerThread) -> None:
+    with connect(
+        f"ws://127.0.0.1:{robot_server.port}", additional_headers={"Authorization": "Api-Key secret"}
+    ) as ws:
+        protocol.unpackb(ws.recv())  # metadata
+        for kind, needle in BAD_REQUESTS:
+            ws.send(_bad(kind))
+            reply = ws.recv(timeout=30)
+            assert isinstance(reply, str), kind
+            assert pytest.importorskip("re").search(needle, reply), (kind, reply)
+        ws.send(protocol.packb(robot_obs(np.random.default_rng(13))))
+        assert protocol.unpackb(ws.recv(timeout=30))["actions"].shape == (20, 7)
+
+
+def test_oversized_message_closes_only_that_connection(raw_server: ServerThread) -> None:
+    with connect(f"ws://127.0.0.1:{raw_server.port}", max_size=None) as ws:
+        ws.recv()
+        ws.send(b"\x00" * (2 * 2**20))  # limit is 1 MiB
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=30)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    assert "exceeds limit" in info.value.rcvd.reason
+    with PolicyClient("127.0.0.1", raw_server.port) as client:
+        with pytest.raises(ServerError, match="message too big"):
+            client.infer({"blob": np.zeros(2 * 2**20, np.uint8)})
+        assert client.infer(raw_obs(np.random.default_rng(14)))["actions"].shape == (30, 20)  # reconnected
+
+
+def _fuzz_messages(n: int, rng: np.random.Generator) -> list[bytes | str]:
+    """Malformed messages: random bytes, truncations and byte flips of a valid message, random msgpack
+    values, valid requests with one field replaced by garbage, text frames."""
+    good = protocol.packb(raw_obs(np.random.default_rng(15)))
+    garbage: list[Any] = [
+        None,
+        True,
+        -1,
+        2**40,
+        1.5,
+        float("nan"),
+        "x" * 50,
+        b"\x00" * 7,
+        [],
+        {},
+        [1, "a"],
+        {"k": {"k": [None]}},
+        {b"__ndarray__": True, b"data": b"\x00", b"dtype": "<f8", b"shape": [3]},
+        {b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]},
+        {b"__npgeneric__": True, b"data": 1, b"dtype": "|u1"},
+    ]
+    fields = ["image0", "image1", "image2", "language_instruction", "proprio", "domain_id", "steps"]
+    out: list[bytes | str] = []
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:
+            out.append(rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes())
+        elif kind == 1:
+            out.append(good[: int(rng.integers(0, len(good)))])
+        elif kind == 2:  # flip bytes in the header region (keys, dtypes, shapes), keep the pixel data
+            msg = bytearray(good)
+            for pos in rng.integers(0, 120, 3):
+                msg[pos] = int(rng.integers(0, 256))
+            out.append(bytes(msg) + (b"" if rng.random() < 0.5 else b"\x00"))  # and often trailing bytes
+        elif kind == 3:
+            value = garbage[int(rng.integers(len(garbage)))]
+            out.append(msgpack.packb(value if rng.random() < 0.5 else {"image0": value}, use_bin_type=True))
+        elif kind == 4:
+            obs = raw_obs(np.random.default_rng(i))
+            obs[fields[int(rng.integers(len(fields)))]] = garbage[int(rng.integers(len(garbage)))]
+            if obs.get("image1") is not None and rng.random() < 0.5:
+                obs.pop("image0")
+            out.append(msgpack.packb(obs, default=protocol._pack_default, use_bin_type=True))
+        else:
+            out.append("".join(chr(int(c)) for c in rng.integers(32, 127, 20)))
+    return out
+
+
+def test_fuzz_1000_malformed_messages_then_a_good_one(raw_server: ServerThread) -> None:
+    messages = _fuzz_messages(1200, np.random.default_rng(16))
+    errors = 0
+    with connect(f"ws://127.0.0.1:{raw_server.port}") as ws:
+        protocol.unpackb(ws.recv())
+        for message in messages:
+            ws.send(message)
+            reply = ws.recv(timeout=30)  # every message gets exactly one answer, in order
+            if isinstance(reply, str):
+                assert reply.startswith("invalid request: "), reply
+                errors += 1
+            else:
+                assert protocol.unpackb(reply)["actions"].shape == (30, 20)
+        assert errors >= 1000
+        ws.send(protocol.packb(raw_obs(np.random.default_rng(17))))
+        assert protocol.unpackb(ws.recv(timeout=30))["actions"].shape == (30, 20)
+    assert _http(f"http://127.0.0.1:{raw_server.port}/healthz")[0] == 200
+
+
+def test_concurrent_requests_are_batched(robot_server: ServerThread) -> None:
+    sizes: list[int] = []
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with PolicyClient("127.0.0.1", robot_server.port, api_key="secret") as client:
+            for _ in range(3):
+                reply = client.infer(robot_obs(rng))
+                assert reply["actions"].shape == (20, 7)
+                with lock:
+                    sizes.append(reply["server_timing"]["batch_size"])
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(sizes) == 18
+    assert max(sizes) > 1 and max(sizes) <= 4  # max_batch=4
+
+
+class _SlowPolicy:
+    """Wraps a policy; each forward pass takes at least `delay_s` (stands in for a big model)."""
+
+    def __init__(self, inner: Policy, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.metadata = inner.metadata
+        self.prepare, self.prepare_raw = inner.prepare, inner.prepare_raw
+
+    def run(self, prepared: list) -> list:  # noqa: ANN001
+        time.sleep(self.delay_s)
+        return self.inner.run(prepared)
+
+
+def test_event_loop_stays_responsive_during_inference(raw_policy: Policy) -> None:
+    with ServerThread(_SlowPolicy(raw_policy, 1.5), ServerConfig(port=0)) as server:
+        done = threading.Event()
+
+        def slow_request() -> None:
+            with PolicyClient("127.0.0.1", server.port) as client:
+                client.infer(raw_obs(np.random.default_rng(18)))
+            done.set()
+
+        threading.Thread(target=slow_request, daemon=True).start()
+        time.sleep(0.3)  # the request is now in the worker thread
+        t0 = time.perf_counter()
+        assert _http(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+        with (
+            PolicyClient("127.0.0.1", server.port) as client,
+            pytest.raises(ServerError, match="missing field 'image0'"),
+        ):
+            client.infer({"proprio": np.zeros(20)})
+        assert time.perf_counter() - t0 < 1.0 and not done.is_set()
+        assert done.wait(timeout=30)
