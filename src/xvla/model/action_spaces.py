@@ -74,15 +74,18 @@ class ActionSpace:
         """Bring `[..., input_dim]` data to `[..., dim]` (identity except for `auto`)."""
         return x
 
+    def mask_gripper(self, x: Tensor) -> Tensor:
+        """x [..., D] with its gripper channels zeroed when this space hides them from the network."""
+        idx = [i for i in self.gripper_idx if i < x.shape[-1]]
+        if not (self.zero_gripper_inputs and idx):
+            return x
+        keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+        keep[idx] = 0
+        return x * keep
+
     def preprocess(self, proprio: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
-        """What the network sees: copies of proprio [B, P] and x_t [B, T, A] with gripper inputs zeroed if needed."""
-        if not (self.zero_gripper_inputs and self.gripper_idx):
-            return proprio, x_t
-        keep_p = torch.ones(proprio.shape[-1], dtype=proprio.dtype, device=proprio.device)
-        keep_p[list(i for i in self.gripper_idx if i < proprio.shape[-1])] = 0
-        keep_a = torch.ones(x_t.shape[-1], dtype=x_t.dtype, device=x_t.device)
-        keep_a[list(self.gripper_idx)] = 0
-        return proprio * keep_p, x_t * keep_a
+        """What the network sees: proprio [B, P] and x_t [B, T, A] with gripper inputs zeroed if needed."""
+        return self.mask_gripper(proprio), self.mask_gripper(x_t)
 
     def postprocess(self, pred: Tensor) -> Tensor:
         """Network output [B, T, dim] -> actions [B, T, input_dim] (sigmoid on gripper logits)."""

@@ -26,6 +26,7 @@ from xvla.model.xvla import XVLA
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 Layout = Literal["xvla", "authors", "lerobot"]
 
 
@@ -97,18 +98,31 @@ def read_config(path: str | Path) -> XVLAConfig:
 
 def read_checkpoint(folder: Path) -> tuple[XVLAConfig, dict[str, Tensor], Layout]:
     """Config and state dict of a checkpoint folder, both converted to this package's layout."""
-    cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: missing {p.name}")
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder}: missing {CONFIG_NAME}")
     layout = detect_layout(json.loads(cfg_path.read_text()))
     config = read_config(cfg_path)
-    state = load_file(str(weights_path))  # read directly: LeRobot files lack the "format" metadata
+    state = read_weights(folder)
     if layout == "lerobot":
-        state = {_strip(k, "model.", weights_path): v for k, v in state.items()}
+        state = {_strip(k, "model.", folder / WEIGHTS_NAME): v for k, v in state.items()}
     if layout != "xvla":
         state = convert_vendored_state(state)
     return config, state, layout
+
+
+def read_weights(folder: Path) -> dict[str, Tensor]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json. Read with safetensors directly:
+    LeRobot's files lack the "format" metadata that transformers' loader insists on."""
+    if (folder / WEIGHTS_NAME).is_file():
+        return load_file(str(folder / WEIGHTS_NAME))
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        raise FileNotFoundError(f"checkpoint {folder}: missing {WEIGHTS_NAME} (or {INDEX_NAME})")
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(folder / shard)))
+    return state
 
 
 def load_pretrained(

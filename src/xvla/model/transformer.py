@@ -7,6 +7,7 @@ so their weights load without renaming.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,16 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@dataclass
+class HeadContext:
+    """Per-observation part of the head sequence: projected features + their position embedding, then the soft
+    prompts (tokens [B, Nc, H]); the key mask over the full sequence ([B, 1, 1, T+Nc] bool or None)."""
+
+    tokens: Tensor
+    mask: Tensor | None
+    domain_id: Tensor
+
+
 class SoftPromptedTransformer(nn.Module):
     """Head: [action tokens | vlm tokens | aux tokens] + pos-emb, then soft prompts appended, pre-LN blocks.
 
@@ -174,6 +185,47 @@ class SoftPromptedTransformer(nn.Module):
     def _project(self, proj: nn.Module, x: Tensor, domain_id: Tensor) -> Tensor:
         return proj(x, domain_id) if isinstance(proj, DomainAwareLinear) else proj(x)
 
+    def context(
+        self,
+        domain_id: Tensor,
+        vlm_features: Tensor,
+        aux_features: Tensor,
+        n_act: int,
+        vlm_mask: Tensor | None = None,
+        aux_mask: Tensor | None = None,
+    ) -> HeadContext:
+        """Everything that does not depend on x_t or t, computed once per observation (not once per step)."""
+        b = domain_id.shape[0]
+        ctx = torch.cat(
+            [
+                self._project(self.vlm_proj, vlm_features, domain_id),
+                self._project(self.aux_visual_proj, aux_features, domain_id),
+            ],
+            dim=1,
+        )
+        ctx = ctx + self.pos_emb[:, n_act : n_act + ctx.shape[1]]
+        if self.soft_prompt_hub is not None:
+            prompts = self.soft_prompt_hub(domain_id).view(b, self.cfg.len_soft_prompts, self.cfg.hidden_size)
+            ctx = torch.cat([ctx, prompts], dim=1)  # prompts carry no position embedding
+        mask = self._key_mask(
+            b, n_act + ctx.shape[1], n_act, vlm_features.shape[1], vlm_mask, aux_mask, ctx.device
+        )
+        return HeadContext(tokens=ctx, mask=mask, domain_id=domain_id)
+
+    def run(self, ctx: HeadContext, x_t: Tensor, proprio: Tensor, t: Tensor) -> Tensor:
+        """The per-step part: action tokens from (x_t [B,T,A], proprio [B,P], t [B]) attend to the context."""
+        n_act = x_t.shape[1]
+        time_emb = timestep_embedding(t, self.time_freqs).to(x_t.dtype)
+        tokens = torch.cat(
+            [x_t, proprio.unsqueeze(1).expand(-1, n_act, -1), time_emb.unsqueeze(1).expand(-1, n_act, -1)],
+            dim=-1,
+        )
+        act = self.action_encoder(tokens, ctx.domain_id) + self.pos_emb[:, :n_act]
+        x = torch.cat([act, ctx.tokens], dim=1)
+        for block in self.blocks:
+            x = block(x, ctx.mask)
+        return self.action_decoder(self.norm(x[:, :n_act]), ctx.domain_id)
+
     def forward(
         self,
         domain_id: Tensor,
@@ -185,37 +237,23 @@ class SoftPromptedTransformer(nn.Module):
         vlm_mask: Tensor | None = None,
         aux_mask: Tensor | None = None,
     ) -> Tensor:
-        b, n_act = x_t.shape[:2]
-        time_emb = timestep_embedding(t, self.time_freqs).to(x_t.dtype)
-        tokens = torch.cat(
-            [x_t, proprio.unsqueeze(1).expand(-1, n_act, -1), time_emb.unsqueeze(1).expand(-1, n_act, -1)],
-            dim=-1,
-        )
-        x = torch.cat(
-            [
-                self.action_encoder(tokens, domain_id),
-                self._project(self.vlm_proj, vlm_features, domain_id),
-                self._project(self.aux_visual_proj, aux_features, domain_id),
-            ],
-            dim=1,
-        )
-        x = x + self.pos_emb[:, : x.shape[1]]
-        if self.soft_prompt_hub is not None:
-            prompts = self.soft_prompt_hub(domain_id).view(b, self.cfg.len_soft_prompts, self.cfg.hidden_size)
-            x = torch.cat([x, prompts], dim=1)  # prompts carry no position embedding
-        mask = self._key_mask(x, n_act, vlm_features.shape[1], vlm_mask, aux_mask)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.action_decoder(self.norm(x[:, :n_act]), domain_id)
+        ctx = self.context(domain_id, vlm_features, aux_features, x_t.shape[1], vlm_mask, aux_mask)
+        return self.run(ctx, x_t, proprio, t)
 
     def _key_mask(
-        self, x: Tensor, n_act: int, n_vlm: int, vlm_mask: Tensor | None, aux_mask: Tensor | None
+        self,
+        b: int,
+        n: int,
+        n_act: int,
+        n_vlm: int,
+        vlm_mask: Tensor | None,
+        aux_mask: Tensor | None,
+        device: torch.device,
     ) -> Tensor | None:
         """[B, 1, 1, N] bool key mask, or None when no masking is requested (the released behaviour)."""
         if vlm_mask is None and aux_mask is None:
             return None
-        b, n = x.shape[:2]
-        keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        keep = torch.ones(b, n, dtype=torch.bool, device=device)
         if vlm_mask is not None:
             keep[:, n_act : n_act + n_vlm] = vlm_mask
         if aux_mask is not None:

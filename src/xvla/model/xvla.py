@@ -144,9 +144,9 @@ class XVLA(nn.Module):
     ) -> Tensor:
         """The network as the objective feeds it (gripper inputs zeroed by the action space for x0 models)."""
         if self.config.objective == "x0_renoise":
-            proprio, x_t = self.action_space.preprocess(proprio, x_t)
-        else:  # velocity: the net needs the noise on every channel; only proprio inputs are preprocessed
-            proprio, _ = self.action_space.preprocess(proprio, x_t)
+            x_t = self.action_space.mask_gripper(x_t)
+        # velocity: the net needs the noise on every channel, so only proprio inputs are masked
+        proprio = self.action_space.mask_gripper(proprio)
         return self.denoise(x_t, t, proprio, domain_id, encoded)
 
     def _encode_batch(self, batch: dict[str, Tensor]) -> EncodedObservation:
@@ -210,8 +210,21 @@ class XVLA(nn.Module):
                 dtype=encoded.vlm_features.dtype,
             )
 
+        # Precompute what does not change across steps: context tokens, prompts, mask, preprocessed proprio.
+        ctx = self.transformer.context(
+            domain_id,
+            encoded.vlm_features,
+            encoded.aux_features,
+            self.config.num_actions,
+            encoded.vlm_mask,
+            encoded.aux_mask,
+        )
+        proprio_in = self.action_space.mask_gripper(proprio)
+        zero_inputs = self.config.objective == "x0_renoise"
+
         def net(x_t: Tensor, t: Tensor) -> Tensor:
-            return self._net(x_t, t, proprio, domain_id, encoded)
+            x_in = self.action_space.mask_gripper(x_t) if zero_inputs else x_t
+            return self.transformer.run(ctx, x_in, proprio_in, t)
 
         if self.config.objective == "x0_renoise":
             return self.action_space.postprocess(renoise_sample(net, noise, steps))
