@@ -17,7 +17,8 @@ _COMMAND_MODULES = (
     "xvla.data.cli",  # data inspect
     "xvla.train.cli",  # train, adapt
     "xvla.serve.cli",  # serve, replay
-    "xvla.sim.cli",  # sim generate/eval, demo
+    "xvla.sim.cli",  # sim generate/eval
+    "xvla.demo",  # demo (the main job)
 )
 
 
