@@ -140,3 +140,21 @@ def test_bad_timestamps_raise() -> None:
         anchors.valid_frames(np.array([0.0, 0.1, 0.1]), traj, np.arange(3.0), traj, 1.0)
     with pytest.raises(ValueError, match=r"expected shape \(3,\)"):
         anchors.valid_frames(np.arange(3.0), traj, np.arange(4.0), traj, 1.0)
+
+
+def test_resample_chunk_to_the_control_rate() -> None:
+    # a chunk predicted for 1.5 s from a proprio at x = 0 moving at 0.2 m/s, replayed at 20 Hz
+    grid = np.linspace(0.0, 1.5, 31)
+    traj = _canonical(
+        grid[:, None] * [0.2, 0.0, 0.0], np.broadcast_to(np.eye(3), (31, 3, 3)), (grid > 0.7).astype(float)
+    )
+    out = anchors.resample_chunk(
+        traj[0], traj[1:], 1.5, 20.0, num_arms=1, rot6d_layout="contiguous", binary_grippers=[True]
+    )
+    steps = np.arange(1, 31) / 20.0
+    assert out.shape == (30, 20)
+    np.testing.assert_allclose(out[:, 0], 0.2 * steps, atol=1e-12)
+    np.testing.assert_allclose(out[:, 3:9], traj[1:, 3:9], atol=1e-12)
+    np.testing.assert_array_equal(
+        out[:, 9], (steps > 0.75 - 1e-9).astype(float)
+    )  # held from the anchor at 0.75 s

@@ -60,6 +60,8 @@ def bimanual(**changes: Any) -> dict[str, Any]:
         "control_hz": 15.0,
         "horizon_s": 2.0,
         "weight": 0.3,
+        "format": "hdf5",
+        "reader_options": {"fps": 15.0},
     }
     data.update(changes)
     return data
@@ -123,6 +125,7 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ({"cameras": [{"key": k} for k in "abcd"]}, r"cameras: expected 1 to 3 cameras"),
         ({"cameras": [{"key": "a", "flip": "mirror"}]}, r"cameras\[0\]\.flip: expected one of"),
         ({"control_hz": 0}, r"control_hz: expected"),
+        ({"reader_options": ["fps", 15]}, r"reader_options: expected a mapping"),
         ({"val_fraction": 0.1, "val_count": 2}, r"val_count: expected 0 when val_fraction is set"),
         ({"targets": "joints"}, r"targets: expected one of"),
         ({"action_space": "joint"}, r"action_space: expected one of \['ee6d'\]"),

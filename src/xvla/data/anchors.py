@@ -93,6 +93,29 @@ def intention_targets(
     )
 
 
+def resample_chunk(
+    proprio: np.ndarray,
+    chunk: np.ndarray,
+    horizon_s: float,
+    rate_hz: float,
+    *,
+    num_arms: int,
+    rot6d_layout: str,
+    binary_grippers: Sequence[bool],
+) -> np.ndarray:
+    """A predicted chunk [T, P] (targets at ``linspace(0, horizon_s, T + 1)[1:]`` after now, starting from
+    ``proprio`` [P]) -> the poses at the control rate, ``k / rate_hz`` for k = 1..round(horizon_s * rate_hz):
+    [K, P]. Same interpolation as training, so serving reads the anchors the way they were made."""
+    chunk = np.asarray(chunk, dtype=np.float64)
+    times = np.linspace(0.0, horizon_s, len(chunk) + 1)
+    traj = np.concatenate([np.asarray(proprio, dtype=np.float64)[None], chunk], 0)
+    steps = max(1, round(horizon_s * rate_hz))
+    query = np.arange(1, steps + 1) / rate_hz
+    return interpolate(
+        times, traj, query, num_arms=num_arms, rot6d_layout=rot6d_layout, binary_grippers=binary_grippers
+    )
+
+
 def valid_frames(
     frame_times: np.ndarray,
     proprio: np.ndarray,

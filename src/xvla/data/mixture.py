@@ -54,7 +54,7 @@ class _Episode:
 
 
 def _default_open(source: Source) -> EpisodeDataset:
-    return open_dataset(source.path, format=source.format)  # type: ignore[arg-type]
+    return open_dataset(source.path, format=source.format, **source.reader_options)  # type: ignore[arg-type]
 
 
 class MixtureDataset(IterableDataset):
@@ -228,9 +228,10 @@ class MixtureDataset(IterableDataset):
         # The trajectory starts at the proprio: action targets then move from the current pose to the first
         # commanded one (for state targets this is the state trajectory itself).
         after = int(np.searchsorted(episode.target_times, t + 1e-9, side="right"))
+        end = int(np.searchsorted(episode.target_times, t + source.horizon_s, side="right")) + 1
         targets = anchors.intention_targets(
-            np.concatenate([[t], episode.target_times[after:]]),
-            np.concatenate([episode.proprio[frame : frame + 1], episode.targets[after:]]),
+            np.concatenate([[t], episode.target_times[after:end]]),
+            np.concatenate([episode.proprio[frame : frame + 1], episode.targets[after:end]]),
             t,
             source.horizon_s,
             num_arms=source.num_arms,

@@ -92,6 +92,7 @@ class Source:
     action: VectorLayout | None = None
     weight: float = 1.0  # sampling weight, normalised over the mixture
     format: str = "auto"  # "auto" | "lerobot" | "hdf5"
+    reader_options: dict[str, Any] = field(default_factory=dict)  # open_dataset(**options), e.g. {"fps": 20}
     horizon_s: float = 4.0  # the 30 targets cover [t, t + horizon_s] (clipped at the episode end)
     targets: str = "state"  # stream the anchors follow: "state", or "action" (row i reached at t_i + 1/fps)
     instruction: str | None = None  # fixed instruction; None = the episode's task from the dataset
@@ -120,6 +121,8 @@ class Source:
             bad("weight", "a finite number > 0", self.weight)
         if self.format not in FORMATS:
             bad("format", f"one of {FORMATS}", self.format)
+        if not isinstance(self.reader_options, dict) or not all(isinstance(k, str) for k in self.reader_options):
+            bad("reader_options", "a mapping of option names to values", self.reader_options)
         if not isinstance(self.path, str) or not self.path:
             bad("path", "a non-empty path", self.path)
         if not 1 <= len(self.cameras) <= MAX_CAMERAS:
