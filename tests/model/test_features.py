@@ -170,3 +170,13 @@ def test_save_keeps_other_files_and_overwrites(tmp_path) -> None:
     assert (ckpt / "tokenizer.json").is_file()
     assert XVLA.from_pretrained(ckpt).config.head.num_domains == 5
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folders left behind
+
+
+def test_fewer_views_are_padded_like_masked_views() -> None:
+    small_model = build_small_model()
+    full = make_batch(small_model.config)
+    full["image_mask"][:, 1:] = False
+    full["pixel_values"][:, 1:] = 0
+    one = dict(full, pixel_values=full["pixel_values"][:, :1], image_mask=full["image_mask"][:, :1])
+    noise = torch.randn(2, 30, 20)
+    assert torch.equal(small_model.generate(one, noise=noise), small_model.generate(full, noise=noise))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BartConfig, Florence2Config
 from transformers.models.bart.modeling_bart import BartEncoder
@@ -106,15 +107,16 @@ class FlorenceEncoder(nn.Module):
         attention_mask: Tensor | None = None,
     ) -> EncodedObservation:
         """pixel_values [B, V, 3, H, W], image_mask [B, V] bool, input_ids [B, L], attention_mask [B, L]."""
-        b, v = pixel_values.shape[:2]
+        b = pixel_values.shape[0]
+        v = self.cfg.num_views
         n_tok = self.cfg.tokens_per_view
         d = self.cfg.text.d_model
-        flat_mask = image_mask.reshape(-1)
-        # Only existing views go through DaViT; missing views keep all-zero features (released behaviour).
-        valid = self.encode_images(pixel_values.flatten(0, 1)[flat_mask])
-        feats = valid.new_zeros(b * v, n_tok, d)
-        feats[flat_mask] = valid
-        feats = feats.view(b, v, n_tok, d)
+        # Only existing views go through DaViT. Missing views, and views beyond those given up to num_views, keep
+        # all-zero features whose tokens stay in the sequence (released behaviour).
+        valid = self.encode_images(pixel_values[image_mask])
+        image_mask = F.pad(image_mask, (0, v - image_mask.shape[1]), value=False)
+        feats = valid.new_zeros(b, v, n_tok, d)
+        feats[image_mask] = valid
 
         text_embeds = self.text_encoder.embed_tokens(input_ids)
         inputs_embeds = torch.cat([feats[:, 0], text_embeds.to(feats.dtype)], dim=1)
