@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from xvla.data import rotations
@@ -42,8 +42,18 @@ def rotation_matrices(draw: st.DrawFn) -> np.ndarray:
     return rotations.to_matrix(axis * angle, "axis_angle")
 
 
-@settings(max_examples=60, deadline=None)
+HALF_TURNS = [
+    np.pi * np.array(axis) / np.linalg.norm(axis) for axis in ([1, 0, 0], [0, 1, 0], [1, 1, 1], [1, -2, 0.5])
+]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(rotation_matrices())
+@example(rotations.to_matrix(HALF_TURNS[0], "axis_angle"))
+@example(rotations.to_matrix(HALF_TURNS[1], "axis_angle"))
+@example(rotations.to_matrix(HALF_TURNS[2], "axis_angle"))
+@example(rotations.to_matrix(HALF_TURNS[3], "axis_angle"))
+@example(np.eye(3))
 def test_round_trip_between_all_formats(rot: np.ndarray) -> None:
     for src, dst in itertools.product(FORMATS, FORMATS):
         x = rotations.from_matrix(rot, src)
@@ -52,7 +62,7 @@ def test_round_trip_between_all_formats(rot: np.ndarray) -> None:
         np.testing.assert_allclose(rotations.to_matrix(y, dst), rot, atol=1e-9, err_msg=f"{src} -> {dst}")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(rotation_matrices())
 def test_outputs_are_proper_rotations_and_quaternions_canonical(rot: np.ndarray) -> None:
     np.testing.assert_allclose(rot @ rot.T, np.eye(3), atol=1e-12)
