@@ -55,7 +55,7 @@ def inspect_path(path: str | Path, *, max_episodes: int = 20, **options: Any) ->
         mixture = Mixture.load(path)
         return [
             inspect_dataset(
-                open_dataset(s.path, format=s.format),  # type: ignore[arg-type]
+                open_dataset(s.path, format=s.format, **s.reader_options),  # type: ignore[arg-type]
                 name=s.name,
                 source=s,
                 max_episodes=max_episodes,
