@@ -70,7 +70,7 @@ class MixtureDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         skip_bad_episodes: bool = False,
-        max_open_datasets: int = 4,
+        max_open_datasets: int = 16,
         max_cached_episodes: int = 32,
         open_fn: Callable[[Source], EpisodeDataset] = _default_open,
     ) -> None:
