@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STEPS, arm_source, raw_obs, robot_obs
 from xvla.data.transforms import ObservationTransform
 from xvla.serve.policy import Policy, resample_anchors
 from xvla.serve.protocol import RequestError
+
+from .helpers import STEPS, arm_source, raw_obs, robot_obs
 
 
 def test_infer_gives_native_actions_at_control_rate(policy: Policy) -> None:

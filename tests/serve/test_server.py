@@ -17,11 +17,12 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import raw_obs, robot_obs
 from xvla.serve import protocol
 from xvla.serve.client import PolicyClient, ServerError
 from xvla.serve.policy import Policy
 from xvla.serve.server import ServerConfig, ServerThread
+
+from .helpers import SlowPolicy, raw_obs, robot_obs
 
 
 def _http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -241,21 +242,8 @@ def test_concurrent_requests_are_batched(robot_server: ServerThread) -> None:
     assert max(sizes) > 1 and max(sizes) <= 4  # max_batch=4
 
 
-class _SlowPolicy:
-    """Wraps a policy; each forward pass takes at least `delay_s` (stands in for a big model)."""
-
-    def __init__(self, inner: Policy, delay_s: float) -> None:
-        self.inner, self.delay_s = inner, delay_s
-        self.metadata = inner.metadata
-        self.prepare, self.prepare_raw = inner.prepare, inner.prepare_raw
-
-    def run(self, prepared: list) -> list:  # noqa: ANN001
-        time.sleep(self.delay_s)
-        return self.inner.run(prepared)
-
-
 def test_event_loop_stays_responsive_during_inference(raw_policy: Policy) -> None:
-    with ServerThread(_SlowPolicy(raw_policy, 1.5), ServerConfig(port=0)) as server:
+    with ServerThread(SlowPolicy(raw_policy, 1.5), ServerConfig(port=0)) as server:
         done = threading.Event()
 
         def slow_request() -> None:

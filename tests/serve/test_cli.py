@@ -1,0 +1,189 @@
+"""`xvla serve` as a process (the authors' layout served directly) and `xvla replay` on a small dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import json_numpy
+import numpy as np
+import pytest
+
+from xvla.cli import main as xvla_main
+from xvla.data.lerobot_writer import LeRobotV3Writer
+from xvla.data.sources import Mixture
+from xvla.model.tokenizer import build_tokenizer
+from xvla.serve.client import PolicyClient
+from xvla.serve.policy import Policy
+from xvla.serve.replay import replay
+from xvla.serve.server import ServerConfig, ServerThread
+
+from .helpers import arm_source, fixture_dir, raw_obs, robot_obs
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: 10-40 s on a busy 2-core machine
+def test_xvla_serve_process(checkpoint: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "xvla.cli", "serve", str(checkpoint), "--port", str(port), "--steps", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        obs = raw_obs(np.random.default_rng(30))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/act", data=json_numpy.dumps(obs).encode())
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert np.asarray(json.loads(r.read())["action"]).shape == (30, 20)
+        with PolicyClient("127.0.0.1", port) as client:
+            assert client.metadata["protocol"] == "raw"
+            assert client.infer(obs)["actions"].shape == (30, 20)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _write_dataset(root: Path, episodes: int = 3, frames: int = 30) -> None:
+    features = {
+        "observation.images.front": {
+            "dtype": "image",
+            "shape": [32, 32, 3],
+            "names": ["height", "width", "channels"],
+        },
+        "observation.images.wrist": {
+            "dtype": "image",
+            "shape": [24, 40, 3],
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {"dtype": "float32", "shape": [8], "names": None},
+        "action": {"dtype": "float32", "shape": [7], "names": None},
+    }
+    rng = np.random.default_rng(0)
+    with LeRobotV3Writer(root, fps=10, features=features) as writer:
+        for ep in range(episodes):
+            for i in range(frames):
+                t = i / 10
+                state = np.array(
+                    [0.3 + 0.05 * t, 0.1 * np.sin(t + ep), 0.2, 0, 0, np.sin(t / 4), np.cos(t / 4), 0.04]
+                )
+                writer.add_frame(
+                    {
+                        "observation.images.front": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                        "observation.images.wrist": rng.integers(0, 256, (24, 40, 3), dtype=np.uint8),
+                        "observation.state": state.astype(np.float32),
+                        "action": np.zeros(7, np.float32),
+                    },
+                    task=f"task {ep}",
+                )
+            writer.save_episode()
+        writer.finalize()
+
+
+def test_replay_serving_path_matches_training_inputs(
+    tmp_path: Path, policy: Policy, checkpoint: Path
+) -> None:
+    _write_dataset(tmp_path / "data")
+    source = arm_source(path=str(tmp_path / "data"), format="lerobot", val_count=1)
+    mixture = Mixture((source,))
+    report = replay(policy.with_source(None), mixture, split="val", samples=5, batch_size=2)
+    row = report["sources"]["toy_arm"]
+    assert row["samples"] == 5 and np.isfinite(row["l1"]) and row["l1"] > 0
+    assert row["input_max_abs_diff"] == 0.0  # serving and training build identical model inputs
+    mixture.save(tmp_path / "mixture.json")
+    out = tmp_path / "replay.json"
+    argv = [
+        "replay",
+        str(checkpoint),
+        "--mixture",
+        str(tmp_path / "mixture.json"),
+        "--samples",
+        "3",
+        "--steps",
+        "2",
+    ]
+    assert xvla_main([*argv, "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["overall"]["samples"] == 3
+
+
+def test_xvla_serve_wiring(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`xvla serve CKPT --source NAME ...` builds the policy and server config the flags say (served in a thread)."""
+    captured = {}
+    monkeypatch.setattr(
+        "xvla.serve.server.run_server", lambda policy, config: captured.update(policy=policy, config=config)
+    )
+    argv = [
+        "serve",
+        str(checkpoint),
+        "--source",
+        "other_arm",
+        "--port",
+        "0",
+        "--api-key",
+        "k",
+        "--max-batch",
+        "3",
+    ]
+    assert (
+        xvla_main([*argv, "--max-wait-ms", "1", "--max-message-mb", "2", "--steps", "2", "--device", "cpu"])
+        == 0
+    )
+    config, policy = captured["config"], captured["policy"]
+    assert (config.host, config.api_key, config.max_batch, config.max_wait_ms, config.max_message_bytes) == (
+        "127.0.0.1",
+        "k",
+        3,
+        1.0,
+        2 * 2**20,
+    )
+    assert policy.source.name == "other_arm" and policy.config.steps == 2
+    with (
+        ServerThread(policy, config) as server,
+        PolicyClient("127.0.0.1", server.port, api_key="k") as client,
+    ):
+        assert client.metadata["domain"] == "other_arm" and client.metadata["control_hz"] == 5.0
+        assert client.infer(robot_obs(np.random.default_rng(32)))["actions"].shape == (10, 7)
+
+
+def test_serve_rejects_unknown_source(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="source 'nope'"):
+        xvla_main(["serve", str(checkpoint), "--source", "nope", "--device", "cpu"])
+
+
+def test_authors_layout_checkpoint_served_directly(tmp_path: Path) -> None:
+    """The authors' checkpoint folder (config.json with florence_config + model.safetensors) plus a tokenizer."""
+    folder = tmp_path / "authors"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(fixture_dir("xvla_official_tiny") / name, folder / name)
+    build_tokenizer(folder, vocab_size=1024)
+    policy = Policy.from_checkpoint(folder, device="cpu", steps=2, seed=0)
+    obs = {**raw_obs(np.random.default_rng(31)), "domain_id": 17}
+    with ServerThread(policy, ServerConfig(port=0)) as server:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/act", data=json_numpy.dumps(obs).encode()
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            action = np.asarray(json.loads(r.read())["action"])
+    assert action.shape == (30, 20) and np.isfinite(action).all()
+    np.testing.assert_allclose(action, policy.infer(obs)["actions"], atol=1e-4)
