@@ -118,3 +118,25 @@ def make_config(out: Path, data: dict[str, Any], overrides: tuple[str, ...] = ()
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return to_dict(cfg)
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, Path]) -> Path:
+    """A checkpoint trained on source arc_a only (domain 0 of 4)."""
+    from xvla.train.trainer import train
+
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = make_config(
+        out, mixture(datasets, ("arc_a",)), ("steps=4", "val.every=0", "optim.prompt_warmup_steps=0")
+    )
+    return train(cfg)
+
+
+def adapt_config(out: Path, base: Path, data: dict[str, Any], overrides: tuple[str, ...] = ()) -> Any:
+    """AdaptConfig around `make_config`: 2 prompt-only steps, then 2 more of `mode`."""
+    from xvla.train.config import AdaptConfig
+
+    train_cfg = to_dict(make_config(out, data, ("steps=4", "checkpoint.every=2", "val.every=4")))
+    train_cfg["model"] = {"checkpoint": str(base)}
+    base_dict = {"train": train_cfg, "retrieval_batches": 1}
+    return from_dict(AdaptConfig, apply_overrides(AdaptConfig, base_dict, overrides))

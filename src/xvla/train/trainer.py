@@ -418,7 +418,6 @@ def validate(model: nn.Module, job: Job, cfg: TrainConfig, accelerator: Accelera
     held_out = [s for s in job.mixture.sources if s.val_fraction > 0 or s.val_count > 0]
     if not held_out:
         return {}
-    unwrapped = accelerator.unwrap_model(model)
     xvla = job.xvla
     space = xvla.action_space
     was_training = model.training
@@ -438,7 +437,7 @@ def validate(model: nn.Module, job: Job, cfg: TrainConfig, accelerator: Accelera
             with accelerator.autocast():
                 output = model(batch, t=t, noise=noise)
                 with _full_params(model, accelerator):
-                    chunk = unwrapped.generate(
+                    chunk = xvla.generate(
                         batch,
                         steps=cfg.val.sample_steps,
                         noise=torch.randn(shape, generator=gen).to(accelerator.device),
@@ -492,8 +491,12 @@ def save_checkpoint(
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     with ckpt.atomic_checkpoint(accelerator, folder) as tmp:
         if accelerator.is_main_process:
-            exported = ema.module if ema is not None else _exportable(job, accelerator, model, model_state)
-            (job.export or _save_pretrained)(exported, tmp)
+            if job.export is not None:
+                job.export(ema.module.state_dict() if ema is not None else model_state, tmp)
+            else:
+                (
+                    ema.module if ema is not None else _exportable(job, accelerator, model, model_state)
+                ).save_pretrained(tmp)
             job.tokenizer.save_pretrained(str(tmp))
             _write_json(tmp / "sources.json", job.sources)
             torch.save(optim_state, tmp / ckpt.STATE / "optimizer.pt")
@@ -508,10 +511,6 @@ def save_checkpoint(
     if accelerator.is_main_process:
         ckpt.prune_checkpoints(cfg.output_dir, cfg.checkpoint.keep_last)
     accelerator.wait_for_everyone()
-
-
-def _save_pretrained(model: nn.Module, folder: Path) -> None:
-    model.save_pretrained(folder)
 
 
 def _exportable(
@@ -583,6 +582,8 @@ def _claim_output_dir(cfg: TrainConfig, job: Job, accelerator: Accelerator, resu
 
 
 def _check_architecture(folder: Path, config: XVLAConfig) -> None:
+    if not (folder / "config.json").is_file():
+        return  # an adapter-only checkpoint: loading its raw state checks every shape
     saved = json.loads((folder / "config.json").read_text())
     saved.pop("format", None)
     diffs = _diff(saved, config.to_dict())

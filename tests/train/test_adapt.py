@@ -1,0 +1,107 @@
+"""Adaptation: a new domain grows without touching the others, retrieval ranks domains, LoRA trains/saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import adapt_config, mixture, source_dict
+from xvla.data.mixture import MixtureDataset
+from xvla.data.sources import Mixture, Source
+from xvla.data.transforms import ObservationTransform, collate
+from xvla.model.tokenizer import load_tokenizer
+from xvla.model.xvla import XVLA
+from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
+from xvla.train.checkpointing import STATE
+from xvla.train.config import ConfigError
+from xvla.train.trainer import make_accelerator
+
+
+def outputs(model: XVLA, checkpoint, datasets, domains: range) -> list[torch.Tensor]:
+    """Sampled chunks for a fixed batch of arc_b observations and fixed noise, once per domain."""
+    source = Source.from_dict(source_dict("arc_b", 0, datasets["arc_b"]))
+    transform = ObservationTransform(model.config, load_tokenizer(checkpoint), train=False)
+    stream = iter(MixtureDataset(Mixture((source,)), seed=5))
+    batch = collate([transform(next(stream)) for _ in range(2)])
+    noise = torch.randn(
+        2, model.config.num_actions, model.action_space.dim, generator=torch.Generator().manual_seed(0)
+    )
+    model.eval()
+    out = []
+    for d in domains:
+        batch["domain_id"] = torch.full((2,), d)
+        out.append(model.generate(batch, steps=2, noise=noise))
+    return out
+
+
+def test_grow_keeps_old_domains_and_copies_named_init(tmp_path, datasets, base_checkpoint):
+    cfg = adapt_config(tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("init=arc_a",))
+    base = XVLA.from_pretrained(base_checkpoint)
+    before = outputs(base, base_checkpoint, datasets, range(4))
+    job = build_adapt_job(cfg, make_accelerator(cfg.train, partial_training=True))
+    assert job.xvla.num_domains == 5 and job.mixture.sources[0].domain_id == 4
+    after = outputs(job.xvla, base_checkpoint, datasets, range(5))
+    for d in range(4):
+        assert torch.equal(before[d], after[d]), d  # every existing domain bit-identical
+    assert torch.equal(after[4], after[0])  # initialised from arc_a (domain 0)
+    assert job.notes["new_domains"]["arc_b"] == {"domain_id": 4, "init_from": "arc_a", "ranking": []}
+
+
+def test_prompt_mode_with_retrieval_leaves_other_domains_bit_identical(tmp_path, datasets, base_checkpoint):
+    cfg = adapt_config(tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("mode=prompt",))
+    final = adapt(cfg)
+    notes = json.loads((tmp_path / "a" / "adaptation.json").read_text())
+    ranking = notes["new_domains"]["arc_b"]["ranking"]
+    assert len(ranking) == 4
+    assert {r["name"] for r in ranking} == {"arc_a", "domain_1", "domain_2", "domain_3"}
+    assert [r["loss"] for r in ranking] == sorted(r["loss"] for r in ranking)
+    assert notes["new_domains"]["arc_b"]["init_from"] == ranking[0]["name"]
+    base = XVLA.from_pretrained(base_checkpoint)
+    tuned = XVLA.from_pretrained(final)
+    assert tuned.num_domains == 5
+    before, after = outputs(base, final, datasets, range(4)), outputs(tuned, final, datasets, range(5))
+    for d in range(4):
+        assert torch.equal(before[d], after[d]), d
+    assert not torch.equal(after[4], before[ranking[0]["domain_id"]])  # the new domain did train
+    sources = json.loads((final / "sources.json").read_text())
+    assert sources["arc_b"]["domain_id"] == 4 and sources["arc_a"]["domain_id"] == 0
+
+
+def test_lora_adapter_and_merged_exports_agree(tmp_path, datasets, base_checkpoint, capsys):
+    cfg = adapt_config(
+        tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("init=scratch", "lora.save=adapter")
+    )
+    final = adapt(cfg)
+    printed = capsys.readouterr().out
+    assert "step 2: training soft_prompts, action_heads, lora:" in printed  # count and fraction printed
+    assert {"adapter_config.json", "adapter_model.safetensors", "domain_heads.safetensors"} <= {
+        p.name for p in final.iterdir()
+    }
+    adapted = load_adapted(final)
+    raw = torch.load(final / STATE / "model.pt", weights_only=True)
+    lora = cfg.lora.__class__(**{**cfg.lora.__dict__, "save": "merged"})
+    save_lora(adapted.config, lora, raw, tmp_path / "merged", base=base_checkpoint, added=1)
+    merged = XVLA.from_pretrained(tmp_path / "merged")
+    a, b = (
+        outputs(adapted, base_checkpoint, datasets, range(5)),
+        outputs(merged, base_checkpoint, datasets, range(5)),
+    )
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+    base = outputs(XVLA.from_pretrained(base_checkpoint), base_checkpoint, datasets, range(1))
+    assert not torch.equal(base[0], b[0])  # stage 2 trained the LoRA adapters of the shared layers
+
+
+@pytest.mark.parametrize(
+    ("names", "overrides", "error", "message"),
+    [
+        (("arc_b",), ("init=nope",), ConfigError, "init: 'nope' is neither"),
+        (("arc_a",), (), ValueError, "already domains of"),
+    ],
+)
+def test_adapt_errors(tmp_path, datasets, base_checkpoint, names, overrides, error, message):
+    cfg = adapt_config(tmp_path / "a", base_checkpoint, mixture(datasets, names), overrides)
+    with pytest.raises(error, match=message):
+        adapt(cfg)
