@@ -121,7 +121,9 @@ class Source:
             bad("weight", "a finite number > 0", self.weight)
         if self.format not in FORMATS:
             bad("format", f"one of {FORMATS}", self.format)
-        if not isinstance(self.reader_options, dict) or not all(isinstance(k, str) for k in self.reader_options):
+        if not isinstance(self.reader_options, dict) or not all(
+            isinstance(k, str) for k in self.reader_options
+        ):
             bad("reader_options", "a mapping of option names to values", self.reader_options)
         if not isinstance(self.path, str) or not self.path:
             bad("path", "a non-empty path", self.path)
