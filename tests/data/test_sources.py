@@ -105,6 +105,7 @@ def test_json_and_yaml_round_trip(tmp_path: Path) -> None:
         mixture.save(tmp_path / name)
         assert Mixture.load(tmp_path / name) == mixture
     assert Source.from_dict(json.loads(json.dumps(mixture.sources[0].to_dict()))) == mixture.sources[0]
+    assert len({*mixture.sources, *Mixture.load(tmp_path / "mix.json").sources}) == 2  # hashable, by value
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
