@@ -92,7 +92,8 @@ class Source:
     action: VectorLayout | None = None
     weight: float = 1.0  # sampling weight, normalised over the mixture
     format: str = "auto"  # "auto" | "lerobot" | "hdf5"
-    reader_options: dict[str, Any] = field(default_factory=dict, hash=False)  # open_dataset(**options), e.g. {"fps": 20}
+    # keyword options for open_dataset, e.g. {"fps": 20} for HDF5 files that record no rate
+    reader_options: dict[str, Any] = field(default_factory=dict, hash=False)
     horizon_s: float = 4.0  # the 30 targets cover [t, t + horizon_s] (clipped at the episode end)
     targets: str = "state"  # stream the anchors follow: "state", or "action" (row i reached at t_i + 1/fps)
     instruction: str | None = None  # fixed instruction; None = the episode's task from the dataset
