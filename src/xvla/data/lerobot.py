@@ -91,6 +91,7 @@ class LeRobotDataset:
         self._parquet = FileCache(open_files, lambda f: f.close())
         self._videos = FileCache(open_files, lambda v: v.container.close())
         self._rows: dict[Path, dict[int, tuple[int, int]]] = {}  # data file -> episode id -> row range
+        self._bounds: dict[Path, np.ndarray] = {}  # data file -> row-group boundaries
         if self.version == "v3.0":
             self._load_v3_index()
         else:
@@ -252,11 +253,14 @@ class LeRobotDataset:
         if missing:
             raise DatasetError(f"data file lacks columns {missing}", dataset=self.root, file=path, episode=ep)
         want = np.arange(start, end) if rows is None else start + rows
-        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        if path not in self._bounds:  # first row of each row group
+            sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+            self._bounds[path] = np.cumsum([0, *sizes])
+        bounds = self._bounds[path]
         first = int(np.searchsorted(bounds, want.min(), side="right")) - 1
         last = int(np.searchsorted(bounds, want.max(), side="right")) - 1
         try:
-            table = pf.read_row_groups(list(range(first, last + 1)), columns=columns)
+            table = pf.read_row_groups(list(range(first, last + 1)), columns=columns, use_threads=False)
         except (pa.ArrowException, OSError) as err:
             raise DatasetError(f"corrupt parquet: {err}", dataset=self.root, file=path, episode=ep) from err
         return path, table.take(pa.array(want - bounds[first]))
