@@ -109,7 +109,8 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
     # (e) LeRobot policy level: present views all get mask 1, the state is zero-padded to the proprio width
     if "pol_loss_u" in refs:
         pol_mask = refs["pol_model_image_mask"].bool()
-        state = refs["in_state10"] if "in_state10" in refs else refs["pol_model_proprio"]
+        state_key = next((k for k in sorted(refs) if k.startswith("in_state")), "pol_model_proprio")
+        state = refs[state_key]
         pol_proprio = F.pad(state, (0, model.config.proprio_dim - state.shape[-1]))
         out["pol_model_proprio"] = pol_proprio
         pol_batch = {

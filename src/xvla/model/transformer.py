@@ -182,6 +182,12 @@ class SoftPromptedTransformer(nn.Module):
     def num_domains(self) -> int:
         return self.action_encoder.num_domains
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Keep the time frequencies in float32 through dtype casts (`model.to(torch.bfloat16)`), as released.
+        super()._apply(fn, recurse)
+        self.time_freqs = time_frequencies(self.cfg.dim_time).to(self.time_freqs.device)
+        return self
+
     def _project(self, proj: nn.Module, x: Tensor, domain_id: Tensor) -> Tensor:
         return proj(x, domain_id) if isinstance(proj, DomainAwareLinear) else proj(x)
 

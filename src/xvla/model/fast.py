@@ -1,0 +1,429 @@
+"""Fast paths for XVLA: a static-shape sampler (bf16, CUDA graphs or torch.compile) and training helpers.
+
+Inference (`FastGenerator`, same contract as `XVLA.generate`):
+
+- the observation is encoded once per chunk with static shapes: every view goes through DaViT and missing views
+  are zeroed by multiplication (the eager path gathers existing views with a boolean index, a host sync);
+- what does not change across steps is computed once: head context (projected features + prompts), the
+  per-domain action-encoder weights split into their x_t / proprio / time parts, the time-embedding term of every
+  step of the fixed t-grid, gripper keep vectors; a step is then `x_t @ W_x + base[k]` -> blocks -> decoder;
+- no host syncs between input copy and output (Python floats for the grid, no `.item()`, no tensor branches);
+- optional bf16 weights (a cast copy of the model, the eager model is left untouched);
+- on CUDA the whole chunk (encoder + all steps) is captured in one CUDA graph per (batch bucket, views, text
+  length, steps) and replayed; batches are padded to power-of-two buckets so a server's dynamic batch sizes need
+  few graphs; elsewhere (or in addition) `torch.compile` of the encoder and of one step;
+- the noise is drawn exactly as `XVLA.generate` draws it (same shape, fp32 when the eager model is fp32), so
+  both paths agree on the same inputs up to the cast precision.
+
+Any failure to compile or capture logs a warning and falls back to the static eager code (`FastGenerator.mode`
+says which path runs).
+
+Training (`prepare_training`): regional `torch.compile` of the repeated layers, optional activation
+checkpointing of the same layers, and `fused_adamw` (fused on CUDA).
+
+FLOPs and bytes (`count_flops`, `weight_bytes`): counted with `torch.utils.flop_counter.FlopCounterMode` on the
+meta device from the config alone (no weights, no compute).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from xvla.model.florence import EncodedObservation
+from xvla.model.transformer import timestep_embedding
+from xvla.model.xvla import XVLA
+
+log = logging.getLogger(__name__)
+
+# The repeated layers: compiled one region at a time and recomputed by activation checkpointing.
+LAYER_CLASSES = ("Block", "BartEncoderLayer", "Florence2VisionBlock")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+INPUT_KEYS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "proprio", "domain_id", "noise")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """How `FastGenerator` runs. `None` fields pick the device default.
+
+    dtype: weights and activations ("auto": bf16 on CUDA, fp32 elsewhere).
+    cuda_graph: capture the whole chunk in a CUDA graph (default: on CUDA).
+    compile: torch.compile the encoder and one denoising step (default: off on CUDA, where the graph already
+        removes the launch overhead and startup must stay short; on elsewhere).
+    compile_mode: torch.compile mode (None = default; e.g. "max-autotune-no-cudagraphs" on CUDA).
+    max_graphs: captured graphs kept (least recently used dropped).
+    validate: run the model's batch checks (a few host syncs before the graph, none inside).
+    """
+
+    dtype: DtypeName = "auto"
+    cuda_graph: bool | None = None
+    compile: bool | None = None
+    compile_mode: str | None = None
+    max_graphs: int = 8
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(
+                f"FastOptions.dtype: expected 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.max_graphs < 1:
+            raise ValueError(f"FastOptions.max_graphs must be >= 1, got {self.max_graphs}")
+
+
+def _bucket(n: int) -> int:
+    """Next power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+class _Graph:
+    """One captured chunk: static input buffers, the graph, the static output."""
+
+    def __init__(self, fn: Any, inputs: dict[str, Tensor | None], warmup: int = 2) -> None:
+        self.inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream (cuBLAS workspaces, lazy inits)
+            for _ in range(warmup):
+                fn(**self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output: Tensor = fn(**self.inputs)
+
+    def __call__(self, inputs: dict[str, Tensor | None]) -> Tensor:
+        for k, v in inputs.items():
+            if v is not None:
+                self.inputs[k].copy_(v)  # type: ignore[union-attr]
+        self.graph.replay()
+        return self.output.clone()
+
+
+class FastGenerator:
+    """Fast sampling for an `XVLA`: `gen(batch, steps=None, noise=None) -> [B, T, A_out]` like `model.generate`.
+
+    The weights are read (or cast and copied) at construction: call `refresh()` after changing the model's
+    weights. Captured graphs and compiled functions are keyed by static shapes; the first call of a new shape pays
+    the capture/compile (reported in `stats`)."""
+
+    def __init__(self, model: XVLA, options: FastOptions = FastOptions()) -> None:
+        self.model = model
+        self.options = options
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        name = options.dtype if options.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
+        self.dtype = DTYPES[name]
+        self.use_graph = on_cuda if options.cuda_graph is None else options.cuda_graph
+        if self.use_graph and not on_cuda:
+            raise ValueError(f"FastOptions.cuda_graph=True needs the model on CUDA, it is on {self.device}")
+        self.use_compile = (not on_cuda) if options.compile is None else options.compile
+        self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
+        self.stats: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0, "captures": 0}
+        self.refresh()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def refresh(self) -> None:
+        """(Re)build the network copy from the model's current weights and forget graphs/compiled code."""
+        model_dtype = next(self.model.parameters()).dtype
+        self.net = self.model if model_dtype == self.dtype else copy.deepcopy(self.model).to(self.dtype)
+        self.net.eval()
+        self._graphs.clear()
+        space = self.net.action_space
+        ones = torch.ones(space.dim, device=self.device, dtype=self.dtype)
+        self._keep_x = space.mask_gripper(ones) if self.net.config.objective == "x0_renoise" else ones
+        self._keep_p = space.mask_gripper(
+            torch.ones(self.net.config.proprio_dim, device=self.device, dtype=self.dtype)
+        )
+        self._encode_fn = self._encode
+        self._step_fn = self._step
+        if self.use_compile:
+            self._encode_fn = torch.compile(self._encode, mode=self.options.compile_mode, dynamic=False)
+            self._step_fn = torch.compile(self._step, mode=self.options.compile_mode, dynamic=False)
+
+    @property
+    def mode(self) -> str:
+        """The path that runs, e.g. 'static+bfloat16+compile+cuda_graph'."""
+        parts = ["static", str(self.dtype).removeprefix("torch.")]
+        return "+".join(
+            parts + (["compile"] if self.use_compile else []) + (["cuda_graph"] if self.use_graph else [])
+        )
+
+    # --------------------------------------------------------------------------------------------- network
+    def _encode(
+        self, pixel_values: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None
+    ) -> EncodedObservation:
+        """`FlorenceEncoder.forward` with static shapes: all views through DaViT, missing ones zeroed."""
+        vlm, cfg = self.net.vlm, self.net.config
+        b, v = pixel_values.shape[:2]
+        feats = vlm.encode_images(pixel_values.flatten(0, 1).to(self.dtype))
+        feats = (feats * image_mask.reshape(-1, 1, 1).to(feats.dtype)).view(b, v, cfg.tokens_per_view, -1)
+        text = vlm.text_encoder.embed_tokens(input_ids).to(feats.dtype)
+        vlm_mask = aux_mask = None
+        if cfg.mask_text_padding or cfg.mask_missing_views:
+            views = (
+                image_mask.bool() if cfg.mask_missing_views else torch.ones_like(image_mask, dtype=torch.bool)
+            )
+            words = (
+                attention_mask.bool()
+                if cfg.mask_text_padding and attention_mask is not None
+                else torch.ones_like(input_ids, dtype=torch.bool)
+            )
+            vlm_mask = torch.cat([views[:, :1].expand(-1, cfg.tokens_per_view), words], dim=1)
+            aux_mask = views[:, 1:, None].expand(-1, -1, cfg.tokens_per_view).reshape(b, -1)
+        inputs = torch.cat([feats[:, 0], text], dim=1)
+        out = vlm.text_encoder(inputs_embeds=inputs, attention_mask=vlm_mask).last_hidden_state
+        return EncodedObservation(out, feats[:, 1:].flatten(1, 2), vlm_mask, aux_mask)
+
+    def _step(
+        self, x_in: Tensor, w_x: Tensor, base: Tensor, ctx: Tensor, mask: Tensor | None, domain_id: Tensor
+    ) -> Tensor:
+        """One network call: x_in [B, T, A] (gripper already masked), base [B, T, H] -> prediction [B, T, A]."""
+        tr = self.net.transformer
+        n_act = x_in.shape[1]
+        x = torch.cat([torch.matmul(x_in, w_x) + base, ctx], dim=1)
+        for block in tr.blocks:
+            x = block(x, mask)
+        return tr.action_decoder(tr.norm(x[:, :n_act]), domain_id)
+
+    def _chunk(
+        self,
+        pixel_values: Tensor,
+        image_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        proprio: Tensor,
+        domain_id: Tensor,
+        noise: Tensor,
+        *,
+        steps: int,
+    ) -> Tensor:
+        """Encode once, then `steps` network calls; raw network output [B, T, A] (not post-processed)."""
+        cfg, tr = self.net.config, self.net.transformer
+        n_act, a_dim, p_dim = cfg.num_actions, self.net.action_space.dim, cfg.proprio_dim
+        enc = self._encode_fn(pixel_values, image_mask, input_ids, attention_mask)
+        ctx = tr.context(domain_id, enc.vlm_features, enc.aux_features, n_act, enc.vlm_mask, enc.aux_mask)
+        b = domain_id.shape[0]
+        enc_w = tr.action_encoder.fc(domain_id).view(b, -1, tr.cfg.hidden_size)  # [B, A+P+Dt, H]
+        w_x, w_p, w_t = enc_w.split([a_dim, p_dim, tr.cfg.dim_time], dim=1)
+        bias = tr.action_encoder.bias(domain_id)[:, None] + tr.pos_emb[:, :n_act]  # [B, T, H]
+        base = bias + torch.matmul((proprio.to(self.dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
+        renoise = cfg.objective == "x0_renoise"
+        grid = [(steps - k) / steps for k in range(steps)] if renoise else [k / steps for k in range(steps)]
+        t = torch.tensor(grid, dtype=torch.float32).to(self.device, non_blocking=True)
+        t_term = torch.matmul(
+            timestep_embedding(t, tr.time_freqs).to(self.dtype), w_t
+        )  # [B, S, H] (w_t [B, Dt, H])
+        noise = noise.to(self.dtype)
+        out = torch.zeros_like(noise) if renoise else noise
+        for k, tk in enumerate(grid):
+            step_base = base + t_term[:, k : k + 1]
+            if renoise:  # x0 re-noising: a_hat = net(t * noise + (1 - t) * a_hat, t)
+                out = self._step_fn(
+                    (tk * noise + (1 - tk) * out) * self._keep_x,
+                    w_x,
+                    step_base,
+                    ctx.tokens,
+                    ctx.mask,
+                    domain_id,
+                )
+            else:  # velocity: Euler from t=0 (noise) to t=1
+                out = (
+                    out
+                    + self._step_fn(out * self._keep_x, w_x, step_base, ctx.tokens, ctx.mask, domain_id)
+                    / steps
+                )
+        return out
+
+    # ----------------------------------------------------------------------------------------------- public
+    @torch.inference_mode()
+    def __call__(
+        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
+    ) -> Tensor:
+        """Post-processed chunk [B, T, A_out], as `XVLA.generate` returns (in the eager model's dtype)."""
+        if self.options.validate:
+            self.model._check_batch(batch, training=False)
+        steps = steps or self.model.config.num_steps
+        b = batch["proprio"].shape[0]
+        out_dtype = next(self.model.parameters()).dtype
+        if noise is None:  # the draw XVLA.generate makes (encoding consumes no random numbers in eval)
+            shape = (b, self.model.config.num_actions, self.model.action_space.dim)
+            noise = torch.randn(shape, device=self.device, dtype=out_dtype)
+        inputs = {k: (noise if k == "noise" else batch.get(k)) for k in INPUT_KEYS}
+        inputs = {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        raw = self._graph_chunk(inputs, steps) if self.use_graph else None
+        if raw is None:
+            raw = self._timed_first(inputs, steps)
+        out = raw.to(out_dtype)
+        if self.net.config.objective == "x0_renoise":
+            return self.net.action_space.postprocess(out)
+        return out[..., : self.net.action_space.input_dim]
+
+    def _timed_first(self, inputs: dict[str, Tensor | None], steps: int) -> Tensor:
+        """Run the un-captured path; a failing compile falls back to the static eager code."""
+        try:
+            start = time.perf_counter()
+            first = self.use_compile and not getattr(self, "_compiled_once", False)
+            out = self._chunk(**inputs, steps=steps)  # type: ignore[arg-type]
+            if first:
+                self._compiled_once = True
+                self.stats["compile_s"] += time.perf_counter() - start
+            return out
+        except Exception as err:  # noqa: BLE001 - any compiler error: run eager instead
+            if not self.use_compile:
+                raise
+            log.warning(
+                "torch.compile failed (%s: %s); running the static eager path", type(err).__name__, err
+            )
+            self.use_compile = False
+            self._encode_fn, self._step_fn = self._encode, self._step
+            return self._chunk(**inputs, steps=steps)  # type: ignore[arg-type]
+
+    def _graph_chunk(self, inputs: dict[str, Tensor | None], steps: int) -> Tensor | None:
+        """Replay (capturing on first use) the graph of this shape; None when capture is impossible."""
+        b = inputs["proprio"].shape[0]  # type: ignore[union-attr]
+        pad = _bucket(b) - b
+        if pad:  # pad with copies of the first sample: rows are independent, padded rows are dropped
+            inputs = {
+                k: None if v is None else torch.cat([v, v[:1].expand(pad, *v.shape[1:])])
+                for k, v in inputs.items()
+            }
+        key = (steps,) + tuple(None if v is None else (tuple(v.shape), v.dtype) for v in inputs.values())
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                start = time.perf_counter()
+                self._timed_first(inputs, steps)  # compiles (if on) outside the capture
+                graph = _Graph(lambda **kw: self._chunk(**kw, steps=steps), inputs)
+                torch.cuda.synchronize(self.device)
+                self.stats["capture_s"] += time.perf_counter() - start
+                self.stats["captures"] += 1
+            except Exception as err:  # noqa: BLE001 - capture is an optimisation: fall back to the plain path
+                log.warning(
+                    "CUDA graph capture failed (%s: %s); running without graphs", type(err).__name__, err
+                )
+                self.use_graph = False
+                self._graphs.clear()
+                return None
+            self._graphs[key] = graph
+            while len(self._graphs) > self.options.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        return graph(inputs)[:b]
+
+
+_GENERATORS: weakref.WeakKeyDictionary[XVLA, dict[FastOptions, FastGenerator]] = weakref.WeakKeyDictionary()
+
+
+def fast_generator(model: XVLA, options: FastOptions = FastOptions()) -> FastGenerator:
+    """The `FastGenerator` of `model` for `options`, built once and cached (what `XVLA.generate(fast=True)` uses)."""
+    per_model = _GENERATORS.setdefault(model, {})
+    if options not in per_model:
+        per_model[options] = FastGenerator(model, options)
+    return per_model[options]
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def prepare_training(
+    model: nn.Module,
+    *,
+    compile_layers: bool = True,
+    activation_checkpointing: bool = False,
+    compile_mode: str | None = None,
+) -> nn.Module:
+    """In place: checkpoint and/or `torch.compile` each repeated layer (`LAYER_CLASSES`) as its own region, so
+    compile time does not grow with depth and every head/text/vision layer shares one compiled graph."""
+    layers = [m for m in model.modules() if type(m).__name__ in LAYER_CLASSES]
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        def wrap(m: nn.Module) -> nn.Module:
+            return checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+        apply_activation_checkpointing(
+            model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: type(m).__name__ in LAYER_CLASSES
+        )
+    if compile_layers:
+        for layer in layers:
+            layer.compile(mode=compile_mode, dynamic=False)
+    return model
+
+
+def fused_adamw(
+    params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """AdamW as the recipe has it, fused into one kernel per step on CUDA (foreach elsewhere)."""
+    params = list(params)
+    on_cuda = any(
+        p.is_cuda for p in (q for g in params for q in (g["params"] if isinstance(g, dict) else [g]))
+    )
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda)
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs, bytes
+def count_flops(model_config: Any, batch_size: int = 1, views: int | None = None) -> dict[str, int]:
+    """FLOPs of one forward of each part, counted on the meta device (no memory, no compute):
+    {"vision": all views, "text": BART encoder, "head": one head pass, "chunk": vision + text + head x num_steps,
+    "train_sample": 3 x (vision + text + head) / batch_size}, for `batch_size` samples of `views` views."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model_config
+    v = views or cfg.num_views
+    with torch.device("meta"):
+        model = XVLA(cfg).eval()
+        gen = FastGenerator.__new__(FastGenerator)  # the static encoder needs only these attributes
+        gen.net, gen.dtype = model, torch.float32
+        b = batch_size
+        pixels = torch.zeros(b * v, 3, cfg.image_size, cfg.image_size)
+        ids = torch.zeros(b, cfg.max_text_len, dtype=torch.long)
+        counts: dict[str, int] = {}
+        with FlopCounterMode(display=False) as fc:
+            feats = model.vlm.encode_images(pixels)
+        counts["vision"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            enc = gen._encode(
+                pixels.view(b, v, *pixels.shape[1:]), torch.ones(b, v, dtype=torch.bool), ids, None
+            )
+        counts["text"] = fc.get_total_flops() - counts["vision"]
+        del feats
+        x = torch.zeros(b, cfg.num_actions, model.action_space.dim)
+        with FlopCounterMode(display=False) as fc:
+            model.denoise(
+                x, torch.zeros(b), torch.zeros(b, cfg.proprio_dim), torch.zeros(b, dtype=torch.long), enc
+            )
+        counts["head"] = fc.get_total_flops()
+    counts["chunk"] = counts["vision"] + counts["text"] + counts["head"] * cfg.num_steps
+    counts["train_sample"] = 3 * (counts["vision"] + counts["text"] + counts["head"]) // b
+    return counts
+
+
+def weight_bytes(model_config: Any, bytes_per_param: int = 2) -> dict[str, int]:
+    """Weight bytes read per chunk at batch 1: encoder once, head once per step (the memory-bandwidth floor)."""
+    with torch.device("meta"):
+        model = XVLA(model_config)
+    enc = sum(p.numel() for p in model.vlm.parameters())
+    head = sum(p.numel() for p in model.transformer.parameters())
+    # Per-domain tables are read one row per sample, not whole.
+    tr = model.transformer
+    tables = [tr.action_encoder, tr.action_decoder] + (
+        [tr.soft_prompt_hub] if tr.soft_prompt_hub is not None else []
+    )
+    per_domain = sum(p.numel() for t in tables for p in t.parameters())
+    head_read = head - per_domain + per_domain // tr.num_domains
+    return {
+        "encoder_params": enc,
+        "head_params": head,
+        "chunk_bytes": (enc + head_read * model_config.num_steps) * bytes_per_param,
+    }
