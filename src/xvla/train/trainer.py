@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -205,7 +205,9 @@ def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_training)],
         fsdp_plugin=fsdp,
         log_with=trackers or None,
-        project_dir=cfg.output_dir,
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
+        ),
     )
 
 
@@ -317,10 +319,8 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     if start is None:
         set_seed(cfg.seed + 1, device_specific=True)  # dropout and flow draws differ per rank
 
-    trainable, total = count_parameters(accelerator.unwrap_model(model))
-    if accelerator.is_main_process:
-        log.info("parameters: %d total", total)
-        accelerator.init_trackers(cfg.log.run_name or out.name, config=_flat(to_dict(cfg)))
+    _, total = count_parameters(accelerator.unwrap_model(model))
+    accelerator.init_trackers(cfg.log.run_name or "train", config=_flat(to_dict(cfg)))  # main process only
     domain_names = {s.domain_id: s.name for s in job.mixture.sources}
     meter = _Meter(job.mixture, accelerator.device)
     batches = _forever(loader)

@@ -1,0 +1,97 @@
+"""`xvla train` and `xvla adapt`.
+
+Both run unchanged under `accelerate launch` or `torchrun` (one process per GPU, one or many nodes):
+    torchrun --nproc_per_node 8 -m xvla.cli train run.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from xvla.data.sources import SourceError
+from xvla.train.config import AdaptConfig, ConfigError, TrainConfig, load_config
+
+# Errors whose message says everything; anything else keeps its traceback.
+USER_ERRORS = (ConfigError, SourceError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train a model on a data mixture (CPU, GPU, DDP, FSDP through accelerate)",
+        description="Train from a TrainConfig file (JSON or YAML); see docs/training.md.",
+    )
+    _common(train)
+    train.set_defaults(func=_train)
+
+    adapt = subparsers.add_parser(
+        "adapt",
+        help="add a domain to a trained checkpoint and fit it to new data (prompt, full or LoRA)",
+        description="Adapt from an AdaptConfig file (JSON or YAML); see docs/training.md.",
+    )
+    _common(adapt)
+    adapt.add_argument(
+        "--checkpoint", help="trained checkpoint (same as --override train.model.checkpoint=...)"
+    )
+    adapt.add_argument("--mixture", help="new data sources (same as --override train.data.mixture=...)")
+    adapt.set_defaults(func=_adapt)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="config file (.json, .yaml)")
+    parser.add_argument(
+        "--override",
+        "-o",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. optim.lr=3e-4 batch_size=8 (values are YAML)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its latest checkpoint (starts it when there is none)",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from xvla.train.trainer import train
+
+    def go() -> Path:
+        return train(load_config(TrainConfig, args.config, args.override), resume=args.resume)
+
+    return _report(go, "train")
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from xvla.train.adapt import adapt
+
+    overrides = list(args.override)
+    if args.checkpoint:
+        overrides.append(f"train.model.checkpoint={args.checkpoint}")
+    if args.mixture:
+        overrides.append(f"train.data.mixture={args.mixture}")
+
+    def go() -> Path:
+        return adapt(load_config(AdaptConfig, args.config, overrides), resume=args.resume)
+
+    return _report(go, "adapt")
+
+
+def _report(go: Callable[[], Path], command: str) -> int:
+    from accelerate import PartialState
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        final = go()
+    except USER_ERRORS as err:
+        print(f"xvla {command}: error: {err}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print(f"final checkpoint: {final}")
+    return 0

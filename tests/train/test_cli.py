@@ -1,0 +1,63 @@
+"""`xvla train` / `xvla adapt` command lines: overrides, clear errors, TensorBoard output, EMA."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+
+from conftest import adapt_config, make_config, mixture
+from xvla.cli import main
+from xvla.model.xvla import XVLA
+from xvla.train.checkpointing import STATE, checkpoint_path
+from xvla.train.config import to_dict
+
+
+def test_train_cli_with_overrides_tensorboard_and_ema(tmp_path, datasets, capsys):
+    cfg = make_config(
+        tmp_path / "run", mixture(datasets), ("log.tensorboard=true", "checkpoint.ema_decay=0.9")
+    )
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    code = main(["train", str(tmp_path / "run.yaml"), "--override", "steps=3", "grad_accum=2", "val.every=0"])
+    assert code == 0
+    final = checkpoint_path(tmp_path / "run", 3)
+    assert f"final checkpoint: {final}" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["steps"] == 3 and saved["grad_accum"] == 2
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    # with EMA the servable weights are the average; the raw weights sit in training_state for resuming
+    ema, raw = XVLA.from_pretrained(final).state_dict(), (final / STATE / "model.pt")
+    assert raw.is_file() and (final / STATE / "ema.pt").is_file()
+    raw_state = torch.load(raw, weights_only=True)
+    assert any(not torch.equal(ema[k], raw_state[k]) for k in ema)
+
+
+def test_cli_errors_are_one_line(tmp_path, datasets, capsys):
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(make_config(tmp_path / "run", mixture(datasets)))))
+    assert main(["train", str(tmp_path / "run.json"), "-o", "optim.lrr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.lrr'; did you mean lr?" in err and "Traceback" not in err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_adapt_cli_shortcuts(tmp_path, datasets, base_checkpoint, capsys):
+    cfg = adapt_config(tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("mode=full",))
+    data = to_dict(cfg)
+    data["train"]["model"] = {}
+    mix = tmp_path / "new.json"
+    mix.write_text(json.dumps(data["train"]["data"].pop("mixture")))
+    (tmp_path / "adapt.yaml").write_text(yaml.safe_dump(data))
+    argv = [
+        "adapt",
+        str(tmp_path / "adapt.yaml"),
+        "--checkpoint",
+        str(base_checkpoint),
+        "--mixture",
+        str(mix),
+    ]
+    assert main([*argv, "-o", "train.steps=2", "train.optim.prompt_warmup_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "retrieval for 'arc_b'" in out and "step 1: training vlm, transformer" in out
+    assert XVLA.from_pretrained(checkpoint_path(tmp_path / "a", 2)).num_domains == 5
