@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import h5py
@@ -134,6 +135,14 @@ def test_fps_required_when_not_recorded(tmp_path: Path) -> None:
     ds = open_dataset(path, fps=10)
     assert ds.fps == 10 and ds.lowdim_keys == ("state",) and ds.episode_task(0) == ""
     np.testing.assert_allclose(ds.read_timestamps(0), [0.0, 0.1, 0.25, 0.3])
+
+
+def test_pickles_without_open_files(tmp_path: Path) -> None:
+    write_libero(tmp_path / "a.hdf5")
+    ds = open_dataset(tmp_path / "a.hdf5")
+    ds.read_lowdim(2, "actions")
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone.read_frames(2, "obs/agentview_rgb", [1]), _images(4, 2)[[1]])
 
 
 def test_readers_write_nothing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -109,8 +110,25 @@ def test_random_access_matches_sequential(fixture) -> None:
         frames = rng.integers(0, ds.episode_length(ep), size=7)
         frames[1] = frames[0]
         np.testing.assert_array_equal(ds.read_frames(ep, cam, frames), full[ep][frames])
+    # one frame per call, forwards (decoding goes on from the last frame) and backwards (seeks every time)
+    n = ds.episode_length(2)
+    for order in (range(n), range(n - 1, -1, -1)):
+        np.testing.assert_array_equal(
+            np.concatenate([ds.read_frames(2, cam, [f]) for f in order]), full[2][order]
+        )
     with pytest.raises(DatasetError, match="frame index out of range"):
         ds.read_frames(1, cam, [ds.episode_length(1)])
+
+
+def test_pickles_without_open_files(fixture) -> None:
+    """A reader sent to a spawned data-loader worker reopens its files there."""
+    _, ds, _ = fixture
+    ds.read_frames(0, ds.camera_keys[0], [3])
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(
+        clone.read_frames(0, ds.camera_keys[0], [3]), ds.read_frames(0, ds.camera_keys[0], [3])
+    )
+    np.testing.assert_array_equal(clone.read_lowdim(5, "action"), ds.read_lowdim(5, "action"))
 
 
 def test_v3_and_v21_return_the_same_tensors() -> None:

@@ -41,12 +41,15 @@ class DatasetError(ValueError):
 
 
 class FileCache(OrderedDict):
-    """A small LRU of open files; `close(value)` runs on eviction. Emptied in a forked child (a data-loader
-    worker), where inherited handles would share file offsets with the parent."""
+    """A small LRU of open files, each closed with its `close()` on eviction.
 
-    def __init__(self, size: int, close: Callable[[Any], None]) -> None:
+    Emptied in a forked child (a data-loader worker), where inherited handles would share file offsets with
+    the parent, and pickled empty (a reader sent to a spawned worker reopens its files there).
+    """
+
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self.size, self._close, self._pid = max(1, size), close, os.getpid()
+        self.size, self._pid = max(1, size), os.getpid()
 
     def get_or_open(self, key: Any, open_: Callable[[], Any]) -> Any:
         if self._pid != os.getpid():
@@ -57,8 +60,11 @@ class FileCache(OrderedDict):
             return self[key]
         value = self[key] = open_()
         while len(self) > self.size:
-            self._close(self.popitem(last=False)[1])
+            self.popitem(last=False)[1].close()
         return value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.size,))
 
 
 @runtime_checkable

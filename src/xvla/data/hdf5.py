@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from xvla.data.episodes import (
@@ -67,8 +68,6 @@ class HDF5Dataset:
     """
 
     def __init__(self, path: str | Path, *, fps: float | None = None, open_files: int = 8) -> None:
-        import h5py
-
         self.root = Path(path)
         if self.root.is_file():
             files = [self.root]
@@ -81,8 +80,7 @@ class HDF5Dataset:
             raise FileNotFoundError(f"dataset path does not exist: {self.root}")
         if not files:
             raise DatasetError(f"no HDF5 files ({', '.join(HDF5_SUFFIXES)})", dataset=self.root)
-        self._h5py = h5py
-        self._files = FileCache(open_files, lambda f: f.close())
+        self._files = FileCache(open_files)
 
         first = self._open(files[0])
         if isinstance(first.get("data"), h5py.Group) and self._demos(first):
@@ -121,7 +119,7 @@ class HDF5Dataset:
     def _open(self, path: Path, ep: int | None = None) -> Any:
         def open_() -> Any:
             try:
-                return self._h5py.File(path, "r")
+                return h5py.File(path, "r")
             except FileNotFoundError as err:
                 raise DatasetError("missing file", dataset=self.root, file=path, episode=ep) from err
             except OSError as err:
@@ -134,7 +132,7 @@ class HDF5Dataset:
     def _demos(self, f: Any) -> list[str]:
         data = f["data"]
         return sorted(
-            (k for k in data if isinstance(data[k], self._h5py.Group) and k.startswith("demo")),
+            (k for k in data if isinstance(data[k], h5py.Group) and k.startswith("demo")),
             key=_natural_key,
         )
 
@@ -153,7 +151,7 @@ class HDF5Dataset:
         lowdim: list[str] = []
 
         def visit(name: str, obj: Any) -> None:
-            if not isinstance(obj, self._h5py.Dataset) or name.split("/")[-1] in TIMESTAMP_KEYS:
+            if not isinstance(obj, h5py.Dataset) or name.split("/")[-1] in TIMESTAMP_KEYS:
                 return
             if name.startswith("next_obs/"):  # robomimic's copy of obs shifted by one frame
                 return
@@ -233,7 +231,7 @@ class HDF5Dataset:
                 if attr in holder.attrs and (text := _text(holder.attrs[attr])):
                     return text
             for key in TASK_ATTRS:
-                if isinstance(holder.get(key), self._h5py.Dataset) and (text := _text(holder[key][()])):
+                if isinstance(holder.get(key), h5py.Dataset) and (text := _text(holder[key][()])):
                     return text
             info = _text(holder.attrs.get("problem_info"))
             if info:
@@ -266,7 +264,7 @@ class HDF5Dataset:
     def read_timestamps(self, ep: int) -> np.ndarray:
         ep = check_episode(self, ep)
         group = self._group(ep)
-        key = next((k for k in TIMESTAMP_KEYS if isinstance(group.get(k), self._h5py.Dataset)), None)
+        key = next((k for k in TIMESTAMP_KEYS if isinstance(group.get(k), h5py.Dataset)), None)
         if key is None:
             return np.arange(self.episode_length(ep)) / self.fps
         ts = np.asarray(self._read(group[key], ep), dtype=np.float64).reshape(-1)

@@ -76,10 +76,11 @@ def inspect_dataset(
     lengths = np.array([ds.episode_length(ep) for ep in range(n)], dtype=np.int64)
     sample = np.unique(np.linspace(0, n - 1, min(n, max_episodes)).round().astype(int)) if n else []
     cameras = {}
-    for key in ds.camera_keys:
+    if (lengths > 0).any():  # resolutions as decoded from the first frame of the first non-empty episode
         ep = int(np.argmax(lengths > 0))
-        h, w = ds.read_frames(ep, key, [0]).shape[1:3]
-        cameras[key] = [int(h), int(w)]
+        for key in ds.camera_keys:
+            h, w = ds.read_frames(ep, key, [0]).shape[1:3]
+            cameras[key] = [int(h), int(w)]
     # NaNs are reported here rather than raised (the readers' `allow_nan` option)
     values = {
         key: [np.asarray(ds.read_lowdim(int(ep), key, allow_nan=True), np.float64) for ep in sample]  # type: ignore[call-arg]

@@ -44,6 +44,9 @@ class _Video:
     frames: Iterator[Any] | None = None
     last_time: float = -np.inf
 
+    def close(self) -> None:
+        self.container.close()
+
 
 class LeRobotDataset:
     """A LeRobot v2.1 or v3.0 dataset folder, read-only (implements `EpisodeDataset`).
@@ -88,8 +91,8 @@ class LeRobotDataset:
         if self.video_keys and not self._video_path:
             raise DatasetError("video features but no video_path in meta/info.json", dataset=self.root)
         self.decoder_threads = decoder_threads
-        self._parquet = FileCache(open_files, lambda f: f.close())
-        self._videos = FileCache(open_files, lambda v: v.container.close())
+        self._parquet = FileCache(open_files)
+        self._videos = FileCache(open_files)
         self._rows: dict[Path, dict[int, tuple[int, int]]] = {}  # data file -> episode id -> row range
         self._bounds: dict[Path, np.ndarray] = {}  # data file -> row-group boundaries
         if self.version == "v3.0":
@@ -113,7 +116,7 @@ class LeRobotDataset:
             if missing:
                 raise DatasetError(f"episode table lacks columns {missing}", dataset=self.root, file=path)
             parts.append(table.select(wanted))
-        table = pa.concat_tables(parts)
+        table = pa.concat_tables(parts, promote_options="default")
         cols = {c: table.column(c).to_numpy() for c in wanted if c != "tasks"}
         order = np.argsort(cols["episode_index"], kind="stable")
         self.episode_ids = cols["episode_index"][order].astype(np.int64)
