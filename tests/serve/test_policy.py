@@ -152,6 +152,7 @@ def test_raw_protocol(raw_policy: Policy) -> None:
         (lambda o: o["images"].update({"side": np.zeros((8, 8, 3), np.uint8)}), "unknown camera"),
         (lambda o: o.update(state=np.full(8, np.nan, np.float32)), "state: contains NaN"),
         (lambda o: o.update(state=np.zeros(6, np.float32)), r"state: expected shape \[8\]"),
+        (lambda o: o.update(state=np.zeros(8, np.float32)), "state: quaternion with .*zero norm"),
         (lambda o: o.update(domain="mars_rover"), "unknown domain 'mars_rover'"),
         (lambda o: o.pop("instruction"), "missing field 'instruction'"),
         (lambda o: o.update(steps=0), "steps: 0 is out of range"),
@@ -187,3 +188,21 @@ def test_bad_raw_requests_name_the_problem(raw_policy: Policy, change, needle: s
 def test_from_checkpoint_names_unknown_source(checkpoint) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="source 'nope': not in"):
         Policy.from_checkpoint(checkpoint, source="nope", device="cpu")
+
+
+def test_fast_flag_reaches_a_model_that_has_one(policy: Policy) -> None:
+    class FastXVLA(type(policy.model)):  # type: ignore[misc]
+        def generate(self, batch, *, steps=None, noise=None, fast=None):  # noqa: ANN001, ANN202
+            self.seen_fast = fast
+            return super().generate(batch, steps=steps, noise=noise)
+
+    model = FastXVLA(policy.model.config)
+    model.load_state_dict(policy.model.state_dict())
+    fast = Policy(
+        model, policy.tokenizer, source=policy.source, config=dataclasses.replace(policy.config, fast=True)
+    )
+    obs = robot_obs(np.random.default_rng(9))
+    np.testing.assert_allclose(fast.infer(obs)["actions"], policy.infer(obs)["actions"], atol=1e-5)
+    assert model.seen_fast is True
+    eager = Policy(policy.model, policy.tokenizer, config=dataclasses.replace(policy.config, fast=True))
+    assert eager.infer(raw_obs(np.random.default_rng(9)))["actions"].shape == (30, 20)  # no fast path: eager

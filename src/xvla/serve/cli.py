@@ -58,6 +58,12 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="denoising steps per query")
     p.add_argument("--seed", type=int, default=None, help="fixed sampling noise (reproducible outputs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="use the model's fast inference path when it has one (default: the model's choice)",
+    )
 
 
 def _policy(args: argparse.Namespace, source: str | None):
@@ -68,7 +74,7 @@ def _policy(args: argparse.Namespace, source: str | None):
     if args.threads:
         torch.set_num_threads(args.threads)
     return Policy.from_checkpoint(
-        args.checkpoint, source=source, device=args.device, steps=args.steps, seed=args.seed
+        args.checkpoint, source=source, device=args.device, steps=args.steps, seed=args.seed, fast=args.fast
     )
 
 

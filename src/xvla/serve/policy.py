@@ -255,7 +255,10 @@ class Policy:
             instruction = protocol.text(protocol.required(obs, "instruction"), "instruction")
         else:
             instruction = source.instruction
-        canonical = source.state_to_canonical(state) if proprio is None else proprio
+        try:
+            canonical = source.state_to_canonical(state) if proprio is None else proprio
+        except ValueError as err:  # e.g. a zero quaternion
+            raise RequestError(f"state: {err}") from None
         if not np.isfinite(canonical).all():
             raise RequestError("state: gives a non-finite canonical pose (check units and rotation format)")
         steps = self._steps(obs)
