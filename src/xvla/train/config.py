@@ -35,8 +35,9 @@ class ModelInit:
     checkpoint: str | None = None  # folder or hub id readable by XVLA.from_pretrained
     # XVLAConfig fields to change in a preset, dotted for nested ones: {"image_size": 64, "head.depth": 2}
     overrides: dict[str, Any] = field(default_factory=dict)
-    # Tokenizer folder or hub id for a preset; None = BART's (facebook/bart-large) for a BART-sized vocabulary,
-    # else a byte-level BPE built offline (xvla.model.tokenizer.build_tokenizer). A checkpoint brings its own.
+    # Tokenizer folder or hub id for a preset, or "builtin" (a byte-level BPE trained offline by
+    # xvla.model.tokenizer.build_tokenizer); None = BART's (facebook/bart-large) for a BART-sized vocabulary,
+    # else builtin. A checkpoint brings its own.
     tokenizer: str | None = None
     activation_checkpointing: bool = False  # recompute transformer blocks in backward (memory for compute)
 

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 LAYER_CLASSES = ("Block", "BartEncoderLayer", "Florence2VisionBlock")
 ALL_GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
 BART_VOCAB = 50265  # facebook/bart-large's tokenizer size (Florence-2 adds tokens on top)
+BUILTIN_VOCAB = 4096  # upper bound for the offline BPE (its small built-in corpus yields far fewer merges)
 
 
 @dataclass
@@ -141,11 +142,11 @@ def preset_config(name: str, overrides: dict[str, Any]) -> XVLAConfig:
 
 
 def preset_tokenizer(name: str | None, config: XVLAConfig) -> Any:
-    if name is not None:
-        return load_tokenizer(name)
-    if config.text.vocab_size >= BART_VOCAB:
-        return load_tokenizer("facebook/bart-large")
-    return build_tokenizer(vocab_size=config.text.vocab_size)
+    """`name` (folder or hub id); "builtin" = a byte-level BPE trained offline; None = BART's tokenizer for a
+    BART-sized vocabulary, else the builtin one."""
+    if name == "builtin" or (name is None and config.text.vocab_size < BART_VOCAB):
+        return build_tokenizer(vocab_size=min(config.text.vocab_size, BUILTIN_VOCAB))
+    return load_tokenizer(name or "facebook/bart-large")
 
 
 def check_mixture(mixture: Mixture, model: XVLA) -> None:
