@@ -262,3 +262,20 @@ def test_event_loop_stays_responsive_during_inference(raw_policy: Policy) -> Non
             client.infer({"proprio": np.zeros(20)})
         assert time.perf_counter() - t0 < 1.0 and not done.is_set()
         assert done.wait(timeout=30)
+
+
+def test_http_expect_100_continue(raw_server: ServerThread) -> None:
+    """curl sends `Expect: 100-continue` before a large body; the server says continue instead of stalling."""
+    import socket
+
+    body = json_numpy.dumps(raw_obs(np.random.default_rng(19))).encode()
+    head = f"POST /act HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", raw_server.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 OK")
+    assert np.asarray(json.loads(reply.split(b"\r\n\r\n", 1)[1])["action"]).shape == (30, 20)

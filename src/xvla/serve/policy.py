@@ -114,8 +114,8 @@ class Policy:
         if source is not None:
             self.sources[source.name] = source
         self.source = source
-        for s in [source] if source is not None else []:
-            self._check_source(s)
+        if source is not None:
+            self._check_source(source)
         gen_params = inspect.signature(model.generate).parameters
         self._generate_kwargs: dict[str, Any] = {}
         if config.fast is not None:

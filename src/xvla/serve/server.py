@@ -204,6 +204,8 @@ class _PostServerProtocol(ServerProtocol):
                 )
                 yield
                 return
+            if headers.get("Expect", "").lower() == "100-continue":  # curl asks before sending a large body
+                self.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = yield from self.reader.read_exact(length)
         except Exception as err:
             self.send_response(self.reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {err}\n"))
