@@ -168,3 +168,20 @@ def test_hdf5_folder_and_errors(tmp_path: Path, capsys) -> None:
     assert report["tasks"] == {"": 2} and report["frames"] == 10
     code, _, err = run(["data", "inspect", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist" in err
+
+
+def test_mixture_with_a_broken_source(tmp_path: Path, capsys) -> None:
+    arm = {"position": "0:3", "rotation": "3:7", "gripper": 7}
+    state = {"key": "observation.state", "dim": 8, "arms": [arm]}
+    ok = _source("ok", 0, str(fixture_dir("lerobot_v3_small")), state)
+    ok["cameras"] = [{"key": "observation.images.top"}]
+    mixture = {"sources": [ok, _source("gone", 1, "missing_dataset", state)]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mixture))
+    code, out, _ = run(["data", "inspect", str(tmp_path / "mix.yaml"), "--json"], capsys)
+    assert code == 1
+    ok_report, gone = json.loads(out)["sources"]
+    assert ok_report["error"] is None and ok_report["episodes"] == 6 and ok_report["anchors"] is None
+    assert any(
+        "cameras[0] key 'observation.images.top' is not in the dataset" in w for w in ok_report["warnings"]
+    )
+    assert gone["episodes"] == 0 and "does not exist" in gone["error"] and "missing_dataset" in gone["error"]

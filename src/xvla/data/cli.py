@@ -38,4 +38,4 @@ def _inspect(args: argparse.Namespace) -> int:
         print(reports_to_json(reports))
     else:
         print_reports(reports)
-    return 0
+    return 1 if any(r.error for r in reports) else 0

@@ -41,9 +41,14 @@ class SourceReport:
     checked_episodes: int
     anchors: dict[str, float] | None = None  # displacement over the horizon (m) when a source is known
     warnings: list[str] = field(default_factory=list)
+    error: str | None = None  # the source could not be opened or read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def failed(cls, name: str, path: str, format: str, err: Exception) -> SourceReport:
+        return cls(name, path, format, 0, 0, 0.0, 0.0, {}, {}, {}, 0, error=str(err))
 
 
 def inspect_path(path: str | Path, *, max_episodes: int = 20, **options: Any) -> list[SourceReport]:
@@ -53,15 +58,14 @@ def inspect_path(path: str | Path, *, max_episodes: int = 20, **options: Any) ->
         from xvla.data.sources import Mixture
 
         mixture = Mixture.load(path)
-        return [
-            inspect_dataset(
-                open_dataset(s.path, format=s.format, **s.reader_options),  # type: ignore[arg-type]
-                name=s.name,
-                source=s,
-                max_episodes=max_episodes,
-            )
-            for s in mixture.sources
-        ]
+        reports = []
+        for s in mixture.sources:
+            try:
+                ds = open_dataset(s.path, format=s.format, **s.reader_options)  # type: ignore[arg-type]
+                reports.append(inspect_dataset(ds, name=s.name, source=s, max_episodes=max_episodes))
+            except (DatasetError, OSError) as err:  # one broken source does not hide the others
+                reports.append(SourceReport.failed(s.name, s.path, s.format, err))
+        return reports
     kind = detect_format(path) if options.get("format", "auto") == "auto" else options["format"]
     if kind != "hdf5":
         options.pop("fps", None)  # only HDF5 files may lack a recorded rate
@@ -82,10 +86,20 @@ def inspect_dataset(
             h, w = ds.read_frames(ep, key, [0]).shape[1:3]
             cameras[key] = [int(h), int(w)]
     # NaNs are reported here rather than raised (the readers' `allow_nan` option)
-    values = {
-        key: [np.asarray(ds.read_lowdim(int(ep), key, allow_nan=True), np.float64) for ep in sample]  # type: ignore[call-arg]
-        for key in ds.lowdim_keys
-    }
+    values: dict[str, list[np.ndarray]] = {key: [] for key in ds.lowdim_keys}
+    checked: list[int] = []
+    warnings: list[str] = []
+    for ep in map(int, sample):
+        try:
+            row = {
+                key: np.asarray(ds.read_lowdim(ep, key, allow_nan=True), np.float64) for key in ds.lowdim_keys
+            }  # type: ignore[call-arg]
+        except DatasetError as err:
+            warnings.append(f"episode {ep} unreadable: {err}")
+            continue
+        checked.append(ep)
+        for key, v in row.items():
+            values[key].append(v)
     report = SourceReport(
         name=name,
         path=str(ds.root),
@@ -97,19 +111,36 @@ def inspect_dataset(
         cameras=cameras,
         tasks=dict(Counter(ds.episode_task(ep) for ep in range(n)).most_common()),
         lowdim={key: int(v[0].shape[1]) if v else 0 for key, v in values.items()},
-        checked_episodes=len(sample),
+        checked_episodes=len(checked),
+        warnings=warnings,
     )
     names = _feature_names(ds)
     for key, per_episode in values.items():
         if per_episode:
             # with a source, its layout says where the rotations are (checked below), not the names
             report.warnings += _value_warnings(
-                key, per_episode, [int(e) for e in sample], names.get(key), quaternions_by_name=source is None
+                key, per_episode, checked, names.get(key), quaternions_by_name=source is None
             )
     if source is not None:
+        missing = _missing_keys(source, ds)
+        report.warnings += missing
         report.warnings += _layout_warnings(source, values)
-        report.anchors = _anchor_stats(ds, source, [int(e) for e in sample], report.warnings)
+        if not missing:
+            report.anchors = _anchor_stats(ds, source, checked, report.warnings)
     return report
+
+
+def _missing_keys(source: Any, ds: EpisodeDataset) -> list[str]:
+    """The dataset keys a source names that the dataset does not have."""
+    wanted = [("state", source.state.key, ds.lowdim_keys)]
+    if source.action is not None:
+        wanted.append(("action", source.action.key, ds.lowdim_keys))
+    wanted += [(f"cameras[{i}]", cam.key, ds.camera_keys) for i, cam in enumerate(source.cameras)]
+    return [
+        f"source {what} key {key!r} is not in the dataset (it has {list(have)})"
+        for what, key, have in wanted
+        if key not in have
+    ]
 
 
 def _format_name(ds: EpisodeDataset) -> str:
@@ -279,10 +310,15 @@ def print_reports(reports: list[SourceReport]) -> None:
         )
         duration = f"{r.duration_s:.1f} s" if r.duration_s < 120 else f"{r.duration_s / 3600:.2f} h"
         row = (r.name, r.format, r.episodes, r.frames, duration, f"{r.fps:g}", cams, len(r.tasks), anchors)
+        if r.error:
+            row = (r.name, r.format, "-", "-", "-", "-", "-", "-", "error")
         table.add_row(*map(str, row))
     console.print(table)
     for r in reports:
         console.print(f"[bold]{r.name}[/bold] ({r.path})")
+        if r.error:
+            console.print(f"  [red]error[/red]: {r.error}", highlight=False)
+            continue
         for task, count in list(r.tasks.items())[:10]:
             console.print(f"  task x{count}: {task!r}")
         if len(r.tasks) > 10:
