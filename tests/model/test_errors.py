@@ -78,3 +78,14 @@ def test_bad_config_fields() -> None:
         small_config(objective="ddpm")
     with pytest.raises(ValueError, match="unknown field"):
         type(small_config()).from_dict({"not_a_field": 1})
+
+
+def test_bad_injected_draws() -> None:
+    small_model = build_small_model()
+    batch = make_batch(small_model.config)
+    with pytest.raises(ValueError, match=r"noise: expected shape \(2, 30, 20\)"):
+        small_model(batch, noise=torch.zeros(2, 30, 14))
+    with pytest.raises(ValueError, match=r"t: expected shape \(2,\)"):
+        small_model(batch, t=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"noise: expected shape \(2, 30, 20\)"):
+        small_model.generate(batch, noise=torch.zeros(1, 30, 20))

@@ -71,7 +71,9 @@ def resolve_folder(path_or_hub_id: str | Path, revision: str | None = None) -> P
         )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_hub_id), revision=revision))
+    # Weights, configs and tokenizer files only (hub repos may also hold .bin/.pt duplicates).
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    return Path(snapshot_download(str(path_or_hub_id), revision=revision, allow_patterns=patterns))
 
 
 def detect_layout(raw_config: dict[str, Any]) -> Layout:

@@ -31,6 +31,11 @@ class LossOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+def _check_draw(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
+
+
 class XVLA(nn.Module):
     """X-VLA. See docs/design.md for the batch layout (`pixel_values`, `image_mask`, `input_ids`, ...)."""
 
@@ -167,6 +172,8 @@ class XVLA(nn.Module):
             t = stratified_t(torch.rand(1, device=action.device), b)
         if noise is None:
             noise = torch.randn_like(action)
+        _check_draw("t", t, (b,))
+        _check_draw("noise", noise, tuple(action.shape))
         t = t.to(action.dtype)
         x_t = interpolate(action, noise, t, self.config.objective)
         pred = self._net(x_t, t, batch["proprio"], batch["domain_id"], encoded)
@@ -209,6 +216,7 @@ class XVLA(nn.Module):
                 device=proprio.device,
                 dtype=encoded.vlm_features.dtype,
             )
+        _check_draw("noise", noise, (b, self.config.num_actions, self.action_space.dim))
 
         # Precompute what does not change across steps: context tokens, prompts, mask, preprocessed proprio.
         ctx = self.transformer.context(
