@@ -72,7 +72,7 @@ def write(root: Path, **kw) -> Path:
         return writer.finalize()
 
 
-TINY = {"data_files_size_in_mb": 0.0005, "video_files_size_in_mb": 0.001}
+TINY = {"data_files_size_in_mb": 0.0005, "video_files_size_in_mb": 0.001, "chunks_size": 2}
 CASES = [(None, TINY), (None, {}), ("libx264", {})]
 
 
@@ -84,11 +84,16 @@ def test_round_trip(tmp_path: Path, codec: str | None, limits: dict) -> None:
         pytest.skip("this PyAV build has no libx264 encoder")
     root = write(tmp_path / "ds", video_codec=codec, **limits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # the temporary folder is gone
-    # tiny limits force one data file and one mp4 per episode (checked before adding each episode);
-    # default limits put all episodes back to back in one file
-    files = 3 if limits else 1
-    assert len(list((root / "data").rglob("*.parquet"))) == files
-    assert len(list((root / "videos/observation.images.front").rglob("*.mp4"))) == files
+    # tiny limits force one data file and one mp4 per episode (checked before adding each episode)
+    # (at most 2 files per chunk folder here), default limits put all episodes back to back in one file
+    files = (
+        ["chunk-000/file-000", "chunk-000/file-001", "chunk-001/file-000"]
+        if limits
+        else ["chunk-000/file-000"]
+    )
+    assert sorted(str(p.relative_to(root / "data"))[:-8] for p in (root / "data").rglob("*.parquet")) == files
+    videos = root / "videos/observation.images.front"
+    assert sorted(str(p.relative_to(videos))[:-4] for p in videos.rglob("*.mp4")) == files
     ds = open_dataset(root)
     assert ds.version == "v3.0" and ds.fps == 10 and ds.num_episodes == 3
     assert ds.camera_keys == (
