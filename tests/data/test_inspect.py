@@ -41,6 +41,7 @@ def test_json_for_a_dataset_folder(capsys) -> None:
         "push the blue block to the left": 1,
     }
     assert report["lowdim"] == {"observation.state": 8, "action": 7}
+    assert report["episode_length"] == {"min": 20, "mean": pytest.approx(187 / 6), "max": 45}
     assert report["anchors"] is None and report["warnings"] == []  # clean data, no source description
 
 

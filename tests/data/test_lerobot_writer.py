@@ -7,6 +7,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -220,3 +221,37 @@ def test_nan_is_reported_with_its_frame(tmp_path: Path) -> None:
     ):
         ds.read_lowdim(0, "observation.state")
     assert np.isnan(ds.read_lowdim(0, "observation.state", allow_nan=True)[4, 1])
+
+
+def test_image_features_stored_as_files(tmp_path: Path) -> None:
+    """An `image` cell with null bytes points at a file relative to the dataset (older LeRobot exports)."""
+    from PIL import Image
+
+    features = {"observation.images.top": FEATURES["observation.images.top"], "action": FEATURES["action"]}
+    writer = LeRobotV3Writer(tmp_path / "ds", 10, features)
+    for f in range(4):
+        writer.add_frame({"observation.images.top": render(0, f, 2), "action": np.zeros(2)}, task="t")
+    writer.save_episode()
+    root = writer.finalize()
+    data = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(data)
+    (root / "images").mkdir()
+    for f in range(4):
+        Image.fromarray(render(0, f, 2)).save(root / f"images/frame_{f}.png")
+    cells = pa.array(
+        [{"bytes": None, "path": f"images/frame_{f}.png"} for f in range(4)],
+        table.schema.field("observation.images.top").type,
+    )
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("observation.images.top"), "observation.images.top", cells
+        ),
+        data,
+    )
+    ds = open_dataset(root)
+    np.testing.assert_array_equal(
+        ds.read_frames(0, "observation.images.top", [3, 1]), np.stack([render(0, 3, 2), render(0, 1, 2)])
+    )
+    (root / "images/frame_1.png").unlink()
+    with pytest.raises(DatasetError, match=r"unreadable image in 'observation.images.top'.*frame_1.png.*episode 0, frame 1"):
+        ds.read_frames(0, "observation.images.top", [1])

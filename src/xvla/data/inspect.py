@@ -38,6 +38,7 @@ class SourceReport:
     cameras: dict[str, list[int]]  # key -> [height, width]
     tasks: dict[str, int]  # instruction -> number of episodes
     lowdim: dict[str, int]  # key -> dimension
+    episode_length: dict[str, float]  # min / mean / max frames
     checked_episodes: int
     anchors: dict[str, float] | None = None  # displacement over the horizon (m) when a source is known
     warnings: list[str] = field(default_factory=list)
@@ -48,7 +49,7 @@ class SourceReport:
 
     @classmethod
     def failed(cls, name: str, path: str, format: str, err: Exception) -> SourceReport:
-        return cls(name, path, format, 0, 0, 0.0, 0.0, {}, {}, {}, 0, error=str(err))
+        return cls(name, path, format, 0, 0, 0.0, 0.0, {}, {}, {}, {}, 0, error=str(err))
 
 
 def inspect_path(path: str | Path, *, max_episodes: int = 20, **options: Any) -> list[SourceReport]:
@@ -111,6 +112,11 @@ def inspect_dataset(
         cameras=cameras,
         tasks=dict(Counter(ds.episode_task(ep) for ep in range(n)).most_common()),
         lowdim={key: int(v[0].shape[1]) if v else 0 for key, v in values.items()},
+        episode_length={
+            "min": int(lengths.min()) if n else 0,
+            "mean": float(lengths.mean()) if n else 0.0,
+            "max": int(lengths.max()) if n else 0,
+        },
         checked_episodes=len(checked),
         warnings=warnings,
     )
@@ -324,6 +330,10 @@ def print_reports(reports: list[SourceReport]) -> None:
         if len(r.tasks) > 10:
             console.print(f"  ... {len(r.tasks) - 10} more tasks")
         console.print(f"  cameras: {', '.join(f'{k} {h}x{w}' for k, (h, w) in r.cameras.items())}")
+        lengths = r.episode_length
+        console.print(
+            f"  episode length: min {lengths['min']}, mean {lengths['mean']:.1f}, max {lengths['max']} frames"
+        )
         console.print(f"  low-dim: {r.lowdim} (values checked in {r.checked_episodes} episodes)")
         if r.anchors:
             console.print(

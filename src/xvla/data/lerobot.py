@@ -275,11 +275,13 @@ class LeRobotDataset:
         out = []
         for f, cell in zip(idx, table.column(camera).to_pylist(), strict=True):
             try:
-                with Image.open(io.BytesIO(cell["bytes"])) as img:
+                # {bytes, path}: the encoded image inline, or (bytes null) a file relative to the dataset
+                source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else self.root / cell["path"]
+                with Image.open(source) as img:
                     out.append(np.asarray(img.convert("RGB")))
             except Exception as err:
                 raise DatasetError(
-                    f"corrupt image in {camera!r}: {err}",
+                    f"unreadable image in {camera!r}: {err}",
                     dataset=self.root,
                     file=path,
                     episode=ep,
