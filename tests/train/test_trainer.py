@@ -161,3 +161,34 @@ def test_refuses_checkpoint_of_another_architecture(tmp_path, datasets):
 def test_mixture_and_model_mismatch_errors(tmp_path, datasets, overrides, message):
     with pytest.raises((ValueError, ConfigError), match=message):
         train(make_config(tmp_path / "run", mixture(datasets), overrides))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, datasets):
+    runs = {}
+    for name, extra in (("plain", ()), ("recompute", ("model.activation_checkpointing=true",))):
+        train(make_config(tmp_path / name, mixture(datasets), ("steps=3", "val.every=0", *extra)))
+        runs[name] = history(tmp_path / name)["loss"]
+    assert runs["plain"] == runs["recompute"]
+
+
+def test_dataloader_workers_resume(tmp_path, datasets, monkeypatch):
+    cfg = make_config(
+        tmp_path / "run",
+        mixture(datasets),
+        ("steps=4", "val.every=0", "checkpoint.every=2", "data.num_workers=2"),
+    )
+    save = trainer.save_checkpoint
+
+    def save_then_die(folder, *args, **kwargs):
+        save(folder, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    train(cfg, resume=True)
+    state = torch.load(
+        checkpointing.checkpoint_path(cfg.output_dir, 4) / "training_state" / "rank_0.pt", weights_only=False
+    )
+    assert state["data"]["consumed"] == [8, 8]  # 4 batches of 4 samples, round-robin over 2 workers

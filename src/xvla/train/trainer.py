@@ -544,7 +544,10 @@ def _load_checkpoint(
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     optim_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    # Not strict: parameters frozen until now (prompt warm-up) have no optimiser state yet.
+    set_optimizer_state_dict(
+        model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
     scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
     if ema is not None:
         ema.load_state_dict(
