@@ -279,3 +279,28 @@ def test_http_expect_100_continue(raw_server: ServerThread) -> None:
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200 OK")
     assert np.asarray(json.loads(reply.split(b"\r\n\r\n", 1)[1])["action"]).shape == (30, 20)
+
+
+class _FailingPolicy(SlowPolicy):
+    """Fails its first forward pass (a model error), then works."""
+
+    def __init__(self, inner: Policy) -> None:
+        super().__init__(inner, 0.0)
+        self.failed = False
+
+    def run(self, prepared: list) -> list:  # noqa: ANN001
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().run(prepared)
+
+
+def test_a_model_failure_fails_its_batch_only(raw_policy: Policy) -> None:
+    with ServerThread(_FailingPolicy(raw_policy), ServerConfig(port=0)) as server:
+        client = PolicyClient("127.0.0.1", server.port)
+        with pytest.raises(
+            ServerError, match="server error: RuntimeError: inference failed: .*out of memory"
+        ):
+            client.infer(raw_obs(np.random.default_rng(23)))
+        assert client.infer(raw_obs(np.random.default_rng(23)))["actions"].shape == (30, 20)
+        client.close()

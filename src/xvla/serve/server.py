@@ -138,6 +138,8 @@ class Batcher:
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._model, self.policy.run, [j.prepared for j in jobs])
+                if len(results) != len(jobs):
+                    raise RuntimeError(f"policy returned {len(results)} replies for {len(jobs)} requests")
             except Exception as err:  # a model failure fails this batch, never the server
                 logger.exception("inference failed")
                 for job in jobs:
