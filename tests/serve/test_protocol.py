@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openpi_client import msgpack_numpy
 
 from xvla.serve import protocol
@@ -70,3 +74,32 @@ def test_field_checks_name_the_field() -> None:
         protocol.required({}, "state")
     np.testing.assert_array_equal(protocol.vector([1, 2.5], "v", 2), [1.0, 2.5])
     assert protocol.integer(np.array([3]), "domain_id", 0, 7) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_decode_or_raise_request_error(data: bytes) -> None:
+    with contextlib.suppress(RequestError):
+        protocol.unpackb(data)
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=4) | st.binary(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_values)
+def test_arbitrary_msgpack_structures_never_crash_the_decoder(value: object) -> None:
+    with contextlib.suppress(RequestError):
+        protocol.unpackb(msgpack.packb(value, use_bin_type=True))
