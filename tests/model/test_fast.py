@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_helpers import make_batch, small_config
 
 from xvla.model import XVLA
 from xvla.model.fast import (
@@ -18,8 +19,6 @@ from xvla.model.fast import (
     prepare_training,
     weight_bytes,
 )
-
-from model_helpers import make_batch, small_config
 
 
 def _model(**changes: object) -> tuple[XVLA, dict[str, torch.Tensor]]:

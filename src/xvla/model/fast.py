@@ -137,6 +137,7 @@ class FastGenerator:
         self.net = self.model if model_dtype == self.dtype else copy.deepcopy(self.model).to(self.dtype)
         self.net.eval()
         self._graphs.clear()
+        self._grids: dict[int, tuple[list[float], Tensor]] = {}
         space = self.net.action_space
         ones = torch.ones(space.dim, device=self.device, dtype=self.dtype)
         self._keep_x = space.mask_gripper(ones) if self.net.config.objective == "x0_renoise" else ones
@@ -217,11 +218,8 @@ class FastGenerator:
         bias = tr.action_encoder.bias(domain_id)[:, None] + tr.pos_emb[:, :n_act]  # [B, T, H]
         base = bias + torch.matmul((proprio.to(self.dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
         renoise = cfg.objective == "x0_renoise"
-        grid = [(steps - k) / steps for k in range(steps)] if renoise else [k / steps for k in range(steps)]
-        t = torch.tensor(grid, dtype=torch.float32).to(self.device, non_blocking=True)
-        t_term = torch.matmul(
-            timestep_embedding(t, tr.time_freqs).to(self.dtype), w_t
-        )  # [B, S, H] (w_t [B, Dt, H])
+        grid, time_emb = self._time_grid(steps)
+        t_term = torch.matmul(time_emb, w_t)  # [B, S, H] (time_emb [S, Dt], w_t [B, Dt, H])
         noise = noise.to(self.dtype)
         out = torch.zeros_like(noise) if renoise else noise
         for k, tk in enumerate(grid):
@@ -242,6 +240,18 @@ class FastGenerator:
                     / steps
                 )
         return out
+
+    def _time_grid(self, steps: int) -> tuple[list[float], Tensor]:
+        """The sampler's t values (host floats) and their time embeddings [S, Dt] on the device, made once per
+        step count (before any capture: a host-to-device copy cannot be captured)."""
+        if steps not in self._grids:
+            renoise = self.net.config.objective == "x0_renoise"
+            grid = (
+                [(steps - k) / steps for k in range(steps)] if renoise else [k / steps for k in range(steps)]
+            )
+            t = torch.tensor(grid, dtype=torch.float32, device=self.device)
+            self._grids[steps] = (grid, timestep_embedding(t, self.net.transformer.time_freqs).to(self.dtype))
+        return self._grids[steps]
 
     # ----------------------------------------------------------------------------------------------- public
     @torch.inference_mode()
@@ -291,6 +301,7 @@ class FastGenerator:
         """Replay (capturing on first use) the graph of this shape; None when capture is impossible."""
         b = inputs["proprio"].shape[0]  # type: ignore[union-attr]
         pad = _bucket(b) - b
+        self._time_grid(steps)
         if pad:  # pad with copies of the first sample: rows are independent, padded rows are dropped
             inputs = {
                 k: None if v is None else torch.cat([v, v[:1].expand(pad, *v.shape[1:])])

@@ -1,0 +1,193 @@
+"""Inference latency: the eager model (`XVLA.generate`, the path the parity fixtures check) vs the fast path
+(`xvla.model.fast.FastGenerator`), side by side in one run, random weights and inputs.
+
+    PYTHONPATH=src python benchmarks/inference.py --preset xvla-0.9b --device cuda        # H100: batch 1 and 8
+    PYTHONPATH=src python benchmarks/inference.py --preset tiny --device cpu --iters 30   # CPU
+
+Before anything is timed every fast variant is checked against eager fp32 on the same inputs and noise
+(relative error < 1e-2; a variant that fails is reported and not timed, and the exit status is 1). Then each
+variant runs `--warmup` calls (excluded) and `--iters` timed calls (CUDA events on GPU, synchronised timers on
+CPU); setup (compile, graph capture) is measured on its own. Prints a table and writes
+benchmarks/results/inference_<preset>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+import _common as C
+from xvla.model.fast import FastGenerator, FastOptions, count_flops, weight_bytes
+
+TOLERANCE = 1e-2
+PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM bandwidth, TB/s
+
+
+def variants(device: torch.device, compile_: str) -> list[tuple[str, FastOptions | str]]:
+    """(name, options); the strings name eager variants."""
+    with_compile = compile_ == "on" or (compile_ == "auto")
+    if device.type == "cuda":
+        out: list[tuple[str, FastOptions | str]] = [
+            ("eager-fp32", "eager"),
+            ("eager-bf16", "eager-bf16"),
+            ("fast-static-bf16 (no graph)", FastOptions(cuda_graph=False, compile=False)),
+            ("fast bf16+graph (default)", FastOptions()),
+        ]
+        if with_compile:
+            out.append(("fast bf16+compile+graph", FastOptions(compile=True)))
+        return out
+    out = [("eager-fp32", "eager"), ("fast-static-fp32", FastOptions(compile=False))]
+    if with_compile:
+        out.append(("fast fp32+compile", FastOptions(compile=True)))
+    return out
+
+
+def profile_top(fn: Any, device: torch.device, rows: int) -> list[dict[str, Any]]:
+    """The ops that take the time in one call (torch.profiler, self time)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        C.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    print(table)
+    events = sorted(
+        prof.key_averages(), key=lambda e: getattr(e, key.replace("_total", ""), 0) or 0, reverse=True
+    )
+    return [
+        {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in events[:rows]
+    ]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="xvla-0.9b")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default: 1,8 on CUDA, 1 on CPU)")
+    p.add_argument("--views", type=int, default=None, help="views per sample (default: config.num_views)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto", help="include the compiled variant"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--profile", type=int, default=0, help="print the top N ops of one call per variant")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = C.pick_device(args.device)
+    env = C.environment(device)
+    model = C.build_model(args.preset, device).eval()
+    cfg = model.config
+    views = args.views or cfg.num_views
+    sizes = [int(s) for s in (args.batch_sizes or ("1,8" if device.type == "cuda" else "1")).split(",")]
+    flops = count_flops(cfg, batch_size=1, views=views)
+    wbytes = weight_bytes(cfg)["chunk_bytes"]
+    peak = C.peak_tflops(device, args.peak_tflops)
+    bw = next((v for k, v in PEAK_TBPS.items() if k in env.get("gpu", "")), None)
+    floor_ms = None
+    if peak and bw:
+        floor_ms = max(flops["chunk"] / (peak * 1e12), wbytes / (bw * 1e12)) * 1000
+    print(
+        f"{args.preset} on {env.get('gpu', device)}: {flops['chunk'] / 1e12:.3f} TFLOP and {wbytes / 1e9:.2f} GB "
+        f"of bf16 weights per chunk at batch 1 (floor {floor_ms and f'{floor_ms:.2f} ms'})"
+    )
+
+    bf16_model = None
+    rows: list[dict[str, Any]] = []
+    failed = False
+    for b in sizes:
+        batch = C.random_batch(cfg, b, views, device, seed=b)
+        noise = torch.randn(
+            b, cfg.num_actions, model.action_space.dim, generator=torch.Generator().manual_seed(1)
+        ).to(device)
+        ref = model.generate(batch, steps=args.steps, noise=noise)
+        calls: list[tuple[Any, dict[str, Any]]] = []
+        # 1) build and check every variant (setup time measured here), 2) then time them.
+        for name, opt in variants(device, args.compile):
+            row: dict[str, Any] = {"variant": name, "batch": b, "steps": args.steps, "views": views}
+            if opt == "eager":
+                fn = partial(model.generate, batch, steps=args.steps, noise=noise)
+                row.update(mode="eager fp32", setup_s=0.0, rel_err=0.0)
+            elif opt == "eager-bf16":
+                bf16_model = bf16_model or copy.deepcopy(model).to(torch.bfloat16)
+                fn = partial(bf16_model.generate, batch, steps=args.steps, noise=noise.bfloat16())
+                row.update(mode="eager bf16", setup_s=0.0, rel_err=C.relative_error(fn(), ref))
+            else:
+                t0 = time.perf_counter()
+                gen = FastGenerator(model, opt)
+                fn = partial(gen, batch, steps=args.steps, noise=noise)
+                out = fn()
+                C.synchronize(device)
+                row.update(
+                    mode=gen.mode, setup_s=time.perf_counter() - t0, rel_err=C.relative_error(out, ref)
+                )
+                row.update(gen.stats)
+            row["check"] = "ok" if row["rel_err"] < TOLERANCE else f"FAILED (> {TOLERANCE})"
+            failed |= row["rel_err"] >= TOLERANCE
+            print(
+                f"checked {name} batch {b}: rel err {row['rel_err']:.2e} ({row['mode']}, setup {row['setup_s']:.1f} s)"
+            )
+            calls.append((fn, row))
+        for fn, row in calls:
+            if row["check"] != "ok":
+                rows.append(row)
+                continue
+            row.update(C.summary(C.time_calls(fn, device, iters=args.iters, warmup=args.warmup)))
+            row["chunks_per_s"] = b * 1000 / row["p50_ms"]
+            row["achieved_tflops"] = flops["chunk"] * b / (row["p50_ms"] / 1000) / 1e12
+            if args.profile:
+                row["profile"] = profile_top(fn, device, args.profile)
+            rows.append(row)
+        eager_p50 = next(r["p50_ms"] for r in rows if r["batch"] == b and r["variant"] == "eager-fp32")
+        for r in rows:
+            if r["batch"] == b and "p50_ms" in r:
+                r["speedup"] = eager_p50 / r["p50_ms"]
+        del batch
+
+    C.print_table(
+        rows,
+        [
+            "variant",
+            "batch",
+            "p50_ms",
+            "p90_ms",
+            "speedup",
+            "chunks_per_s",
+            "achieved_tflops",
+            "setup_s",
+            "rel_err",
+            "check",
+        ],
+    )
+    C.write_json(
+        f"inference_{args.preset}_{device.type}.json",
+        {
+            "benchmark": "inference",
+            "preset": args.preset,
+            "env": env,
+            "flops": flops,
+            "chunk_weight_bytes": wbytes,
+            "peak_tflops": peak,
+            "peak_tbps": bw,
+            "floor_ms": floor_ms,
+            "tolerance": TOLERANCE,
+            "rows": rows,
+        },
+        args.out,
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
