@@ -188,7 +188,7 @@ class _PostServerProtocol(ServerProtocol):
         yield from super().parse()
 
     def _parse_post(self) -> Generator[None, None, None]:
-        limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # renamed in websockets 16
+        limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # older name
         try:
             method, path, version = bytes((yield from parse_line(self.reader.read_line))).split(b" ", 2)
             headers = yield from parse_headers(self.reader.read_line)
@@ -215,10 +215,10 @@ class _PostServerProtocol(ServerProtocol):
             return
         self.events.append(
             _PostRequest(
-                path.decode("ascii", "replace"),
-                headers,
-                method.decode("ascii", "replace"),
-                version.decode("ascii", "replace"),
+                path=path.decode("ascii", "replace"),
+                headers=headers,
+                method=method.decode("ascii", "replace"),
+                protocol=version.decode("ascii", "replace"),
                 body=bytes(body),
             )
         )
