@@ -156,6 +156,7 @@ def test_refuses_checkpoint_of_another_architecture(tmp_path, datasets):
         (("model.overrides.action_space=joint",), "action space 'ee6d' conflicts with the model's 'joint'"),
         (("model.overrides.head.num_domains=1",), "domain_id 1 is outside the model's 1 domains"),
         (("model.overrides.head.width=3",), "'head.width' is not an XVLAConfig field"),
+        (("fsdp=true",), "fsdp: needs GPUs"),
     ],
 )
 def test_mixture_and_model_mismatch_errors(tmp_path, datasets, overrides, message):

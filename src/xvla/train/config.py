@@ -85,7 +85,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class ValConfig:
-    every: int = 1000  # steps between validations (0 = never); the final step is always validated
+    every: int = 1000  # steps between validations, and at the final step (0 = never)
     batches: int = 4  # validation batches per source
     sample_steps: int | None = None  # sampler steps for the L1 of generated chunks (None = model default)
 

@@ -186,8 +186,11 @@ def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator
         precision = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
     fsdp = None
     if cfg.fsdp:
+        if cfg.cpu or not torch.cuda.is_available():
+            raise ConfigError("fsdp: needs GPUs (accelerate's FSDP has no CPU backend); use DDP on CPU")
         fsdp = FullyShardedDataParallelPlugin(
-            sharding_strategy="FULL_SHARD",
+            fsdp_version=1,
+            reshard_after_forward="FULL_SHARD",
             auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=list(LAYER_CLASSES),
             use_orig_params=True,
@@ -317,7 +320,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     state = {"step": 0, "samples": 0, "history": _new_history(job), "validation": []}
     if start is not None:
         state = _load_checkpoint(start, accelerator, model, optimizer, scheduler, dataset, ema)
-    if start is None:
+    else:
         set_seed(cfg.seed + 1, device_specific=True)  # dropout and flow draws differ per rank
 
     _, total = count_parameters(accelerator.unwrap_model(model))
@@ -335,7 +338,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     phase: tuple[str, ...] | None = None
     step = state["step"]
     batches_read = 0  # by this process since the dataset's (re)start: locates the data stream on save
-    t_last = time.perf_counter()
+    t_last, paused = time.perf_counter(), 0.0  # paused: validation/checkpoint time, left out of throughput
     final = ckpt.checkpoint_path(out, cfg.steps)
     while step < cfg.steps:
         wanted = job.prompt_groups if step < cfg.optim.prompt_warmup_steps else job.main_groups
@@ -371,8 +374,9 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
             now = time.perf_counter()
             scalars = meter.flush(accelerator, domain_names)
             steps_done = cfg.log.every if step % cfg.log.every == 0 else step % cfg.log.every
-            rate = steps_done * cfg.batch_size * cfg.grad_accum * accelerator.num_processes / (now - t_last)
-            t_last = now
+            samples = steps_done * cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+            rate = samples / max(now - t_last - paused, 1e-9)
+            t_last, paused = now, 0.0
             scalars["train/samples_per_s"] = rate
             scalars["train/grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
             for group in optimizer.param_groups:
@@ -385,7 +389,8 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
             if accelerator.is_main_process:
                 _write_json(out / "history.json", state["history"])
 
-        if (cfg.val.every and step % cfg.val.every == 0) or step == cfg.steps:
+        pause_start = time.perf_counter()
+        if cfg.val.every and (step % cfg.val.every == 0 or step == cfg.steps):
             result = validate(model, job, cfg, accelerator)
             if result:
                 state["validation"].append({"step": step, **result})
@@ -403,6 +408,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
             save_checkpoint(
                 folder, cfg, job, accelerator, model, optimizer, scheduler, data_state, ema, state
             )
+        paused += time.perf_counter() - pause_start
     bar.close()
     accelerator.end_training()
     return final
