@@ -180,3 +180,48 @@ def test_fewer_views_are_padded_like_masked_views() -> None:
     one = dict(full, pixel_values=full["pixel_values"][:, :1], image_mask=full["image_mask"][:, :1])
     noise = torch.randn(2, 30, 20)
     assert torch.equal(small_model.generate(one, noise=noise), small_model.generate(full, noise=noise))
+
+
+def test_missing_view_mask_option() -> None:
+    torch.manual_seed(0)
+    masked = XVLA(small_config(mask_missing_views=True)).eval()
+    plain = XVLA(small_config()).eval()
+    plain.load_state_dict(masked.state_dict())
+    batch = make_batch(masked.config)  # sample 0 has all views, sample 1 only the primary one
+    noise = torch.randn(2, 30, 20)
+    a, b = masked.generate(batch, noise=noise), plain.generate(batch, noise=noise)
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)  # nothing to mask: same result
+    assert (a[1] - b[1]).abs().max() > 1e-4  # missing views no longer attended to
+
+
+def test_parity_replay_derives_sizes_from_files(tmp_path) -> None:
+    """A fixture made the same way at another size (64 px, 12 text tokens, 3 samples, 4 steps) replays."""
+    from safetensors.torch import save_file
+
+    from xvla.model.parity import replay, run_parity
+
+    model = build_small_model()
+    batch = make_batch(model.config, b=3)
+    g = torch.Generator().manual_seed(1)
+    refs = {
+        "in_pixel_values": batch["pixel_values"],
+        "in_image_mask": batch["image_mask"].to(torch.uint8),
+        "in_input_ids": batch["input_ids"],
+        "in_domain_id": torch.tensor([3, 0, 2]),
+        "in_proprio": batch["proprio"],
+        "in_action": batch["action"],
+        "in_x_t": torch.randn(3, 30, 20, generator=g),
+        "in_t": torch.tensor([0.1, 0.5, 0.9]),
+        "loss_u": torch.rand(1, generator=g),
+        "loss_noise": torch.randn(3, 30, 20, generator=g),
+        "gen_x1_noise": torch.randn(3, 30, 20, generator=g),
+        "gen_step_t": torch.zeros(4, 3),
+    }
+    with torch.no_grad():
+        outputs = replay(model, dict(refs))
+    model.save_pretrained(tmp_path)
+    save_file({**refs, **{k: v.contiguous() for k, v in outputs.items()}}, str(tmp_path / "refs.safetensors"))
+    results, layout = run_parity(tmp_path)
+    assert layout == "xvla" and {"gen_step_pred", "loss_total", "vlm_features"} <= {r.name for r in results}
+    assert all(r.max_abs == 0 for r in results)
+    assert next(r for r in results if r.name == "gen_step_pred").max_ref > 0

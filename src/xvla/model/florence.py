@@ -89,6 +89,15 @@ class FlorenceEncoder(nn.Module):
         self.vision_tower = Florence2VisionBackbone(native.vision_config)
         self.multi_modal_projector = Florence2MultiModalProjector(native)
         self.language_model = nn.ModuleDict({"encoder": BartEncoder(native.text_config)})
+        self._init_projector()
+
+    def _init_projector(self) -> None:
+        """Florence-2's init (normal, std 0.02) for the projector, which is not a PreTrainedModel of its own;
+        torch's defaults would give the 2-D position table unit variance."""
+        proj = self.multi_modal_projector
+        nn.init.normal_(proj.image_projection.weight, std=0.02)
+        nn.init.normal_(proj.image_position_embed.row_embeddings.weight, std=0.02)
+        nn.init.normal_(proj.image_position_embed.column_embeddings.weight, std=0.02)
 
     @property
     def text_encoder(self) -> BartEncoder:
