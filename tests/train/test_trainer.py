@@ -113,24 +113,20 @@ def test_prompt_warmup_trains_only_prompts_and_heads(tmp_path, datasets):
     assert changed(mid, end) == {"vlm": True, "transformer": True, "soft_prompts": True, "action_heads": True}
 
 
-def test_overfits_one_episode(tmp_path, datasets):
+def test_overfits_a_tiny_dataset(tmp_path, datasets):
+    """4 episodes of one source: 80 steps bring the flow loss to ~1% of its start (the model can learn)."""
     one = {"sources": [source_dict("arc_a", 0, datasets["arc_a"], val_count=0)]}
-    cfg = make_config(
-        tmp_path / "run",
-        one,
-        (
-            "steps=150",
-            "optim.prompt_warmup_steps=0",
-            "optim.warmup_steps=10",
-            "optim.lr=2e-3",
-            "checkpoint.every=1000",
-            "val.every=0",
-            "log.every=10",
-        ),
+    overrides = (
+        "steps=80",
+        "optim.prompt_warmup_steps=0",
+        "optim.warmup_steps=10",
+        "optim.lr=2e-3",
+        "checkpoint.every=1000",
+        "val.every=0",
     )
-    train(cfg)
+    train(make_config(tmp_path / "run", one, overrides))
     losses = history(tmp_path / "run")["loss"]
-    assert losses[-1] < 0.05 * losses[0], losses
+    assert sum(losses[-10:]) / 10 < 0.03 * losses[0], losses
 
 
 def test_refuses_a_folder_with_another_run(tmp_path, datasets):
