@@ -55,3 +55,13 @@ def test_authors_layout_to_ours_roundtrip(tmp_path) -> None:
     assert torch.equal(ours.generate(batch, noise=noise), authors.generate(batch, noise=noise))
     results, layout = run_parity(tmp_path / "ours", folder / "refs.safetensors")
     assert layout == "xvla" and all(r.ok for r in results)
+
+
+def test_cli_errors_are_reported(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["parity", str(tmp_path)]) == 2
+    assert "refs.safetensors not found" in capsys.readouterr().err
+    folder = fixture_dir("xvla_lerobot_tiny")
+    assert main(["parity", str(folder), "--refs", str(tmp_path / "none.safetensors")]) == 2
+    assert "none.safetensors not found" in capsys.readouterr().err
+    assert main(["info", "--config", str(folder)]) == 0
+    assert "2,725,496" in capsys.readouterr().out

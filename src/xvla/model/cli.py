@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
@@ -46,8 +48,6 @@ def parameter_counts(config: XVLAConfig) -> dict[str, int]:
 
 
 def _load_config(path: str) -> XVLAConfig:
-    from pathlib import Path
-
     from xvla.model.checkpoint import CONFIG_NAME, read_config
 
     p = Path(path)
@@ -55,7 +55,11 @@ def _load_config(path: str) -> XVLAConfig:
 
 
 def _info(args: argparse.Namespace) -> int:
-    config = get_preset(args.preset) if args.preset else _load_config(args.config)
+    try:
+        config = get_preset(args.preset) if args.preset else _load_config(args.config)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"xvla info: error: {err}", file=sys.stderr)
+        return 2
     for name, count in parameter_counts(config).items():
         print(f"{name:34s} {count:>14,d}  ({count / 1e6:8.1f} M)")
     return 0
@@ -64,7 +68,11 @@ def _info(args: argparse.Namespace) -> int:
 def _parity(args: argparse.Namespace) -> int:
     from xvla.model.parity import run_parity
 
-    results, layout = run_parity(args.checkpoint, args.refs, atol=args.atol, rtol=args.rtol)
+    try:
+        results, layout = run_parity(args.checkpoint, args.refs, atol=args.atol, rtol=args.rtol)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"xvla parity: error: {err}", file=sys.stderr)
+        return 2
     print(f"checkpoint layout: {layout}")
     for r in results:
         kind = "rel" if r.relative else "abs"
