@@ -225,3 +225,13 @@ def test_parity_replay_derives_sizes_from_files(tmp_path) -> None:
     assert layout == "xvla" and {"gen_step_pred", "loss_total", "vlm_features"} <= {r.name for r in results}
     assert all(r.max_abs == 0 for r in results)
     assert next(r for r in results if r.name == "gen_step_pred").max_ref > 0
+
+
+def test_auto_action_space_model() -> None:
+    cfg = small_config(action_space="auto", real_action_dim=7)
+    model = XVLA(cfg).eval()
+    batch = make_batch(cfg)
+    assert batch["action"].shape[-1] == 7
+    out = model(batch)
+    assert set(out.terms) == {"joints_loss"} and out.pred.shape == (2, 30, 20)
+    assert model.generate(batch, steps=2).shape == (2, 30, 7)

@@ -190,4 +190,4 @@ class AutoActionSpace(ActionSpace):
 
     def loss_terms(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
         r = self.real_dim
-        return {"action_loss": _mse(pred[..., :r], target[..., :r]) * self.weight}
+        return {"joints_loss": _mse(pred[..., :r], target[..., :r]) * self.weight}  # the authors' term name
