@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class LossOutput:
     pred: Tensor
     t: Tensor
     noise: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _check_draw(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
@@ -241,7 +240,9 @@ class XVLA(nn.Module):
 
     # ------------------------------------------------------------------------------------------ domains/groups
     def grow_domains(self, n_new: int, init_from: int | None = None) -> list[int]:
-        """Add `n_new` domains (prompts and per-domain layers); existing domains' outputs stay bit-identical."""
+        """Add `n_new` domains (prompts and per-domain layers), copies of domain `init_from` or freshly initialised;
+        existing domains' outputs stay bit-identical. The per-domain tables are new Parameters: build the optimiser
+        (and `parameter_groups()`) after growing."""
         if n_new < 1:
             raise ValueError(f"grow_domains: n_new must be >= 1, got {n_new}")
         if init_from is not None and not 0 <= init_from < self.num_domains:
