@@ -232,6 +232,7 @@ def main() -> int:
         },
         "machine": {
             "cpus": os.cpu_count(),
+            "load_avg_1m_at_end": os.getloadavg()[0],  # other processes sharing the CPUs
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
