@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -206,3 +207,15 @@ def test_fast_flag_reaches_a_model_that_has_one(policy: Policy) -> None:
     assert model.seen_fast is True
     eager = Policy(policy.model, policy.tokenizer, config=dataclasses.replace(policy.config, fast=True))
     assert eager.infer(raw_obs(np.random.default_rng(9)))["actions"].shape == (30, 20)  # no fast path: eager
+
+
+def test_source_from_a_file(checkpoint, tmp_path) -> None:  # noqa: ANN001
+    import yaml
+
+    source = arm_source("lab_arm", 6, control_hz=20.0)
+    (tmp_path / "arm.json").write_text(json.dumps(source.to_dict()))
+    (tmp_path / "arm.yaml").write_text(yaml.safe_dump(source.to_dict()))
+    for name in ("arm.json", "arm.yaml"):
+        loaded = Policy.from_checkpoint(checkpoint, source=str(tmp_path / name), device="cpu", steps=STEPS)
+        assert loaded.source == source
+        assert loaded.infer(robot_obs(np.random.default_rng(10)))["actions"].shape == (40, 7)  # 2 s at 20 Hz
