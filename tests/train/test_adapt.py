@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import adapt_config, mixture, source_dict
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
@@ -17,6 +16,8 @@ from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
 from xvla.train.checkpointing import STATE
 from xvla.train.config import ConfigError
 from xvla.train.trainer import make_accelerator
+
+from .helpers import adapt_config, mixture, source_dict
 
 
 def outputs(model: XVLA, checkpoint, datasets, domains: range) -> list[torch.Tensor]:

@@ -7,11 +7,12 @@ import json
 import torch
 import yaml
 
-from conftest import adapt_config, make_config, mixture
 from xvla.cli import main
 from xvla.model.xvla import XVLA
 from xvla.train.checkpointing import STATE, checkpoint_path
 from xvla.train.config import to_dict
+
+from .helpers import adapt_config, make_config, mixture
 
 
 def test_train_cli_with_overrides_tensorboard_and_ema(tmp_path, datasets, capsys):

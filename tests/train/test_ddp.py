@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_config, mixture
 from xvla.train.config import save_config
+
+from .helpers import make_config, mixture
 
 REPO = Path(__file__).resolve().parents[2]
 

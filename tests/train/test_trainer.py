@@ -9,11 +9,12 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from conftest import make_config, mixture, source_dict
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing, trainer
 from xvla.train.config import ConfigError
 from xvla.train.trainer import build_job, make_accelerator, run, train
+
+from .helpers import make_config, mixture, source_dict
 
 
 def history(out: Path) -> dict:

@@ -1,0 +1,2 @@
+"""tests/train is a package so that its conftest is imported as `train.conftest` and never shadows
+tests/conftest.py."""
