@@ -66,3 +66,15 @@ def test_generate_precomputed_context_matches_stepwise_denoise() -> None:
             )
             a_hat = small_model.denoise(x_m, t, p_m, batch["domain_id"], enc)
     assert torch.equal(small_model.generate(batch, steps=4, noise=noise), space.postprocess(a_hat))
+
+
+def test_bfloat16_model_accepts_float32_batch() -> None:
+    small_model = build_small_model()
+    batch = make_batch(small_model.config)
+    noise = torch.randn(2, 30, 20)
+    ref = small_model.generate(batch, noise=noise)
+    small_model.to(torch.bfloat16)
+    assert small_model.transformer.time_freqs.dtype == torch.float32
+    out = small_model.generate(batch, noise=noise.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0)

@@ -221,9 +221,14 @@ class SoftPromptedTransformer(nn.Module):
     def run(self, ctx: HeadContext, x_t: Tensor, proprio: Tensor, t: Tensor) -> Tensor:
         """The per-step part: action tokens from (x_t [B,T,A], proprio [B,P], t [B]) attend to the context."""
         n_act = x_t.shape[1]
-        time_emb = timestep_embedding(t, self.time_freqs).to(x_t.dtype)
+        dtype = self.pos_emb.dtype  # inputs follow the weights (a bf16 model may get fp32 proprio)
+        time_emb = timestep_embedding(t, self.time_freqs).to(dtype)
         tokens = torch.cat(
-            [x_t, proprio.unsqueeze(1).expand(-1, n_act, -1), time_emb.unsqueeze(1).expand(-1, n_act, -1)],
+            [
+                x_t.to(dtype),
+                proprio.to(dtype).unsqueeze(1).expand(-1, n_act, -1),
+                time_emb.unsqueeze(1).expand(-1, n_act, -1),
+            ],
             dim=-1,
         )
         act = self.action_encoder(tokens, ctx.domain_id) + self.pos_emb[:, :n_act]
