@@ -243,7 +243,7 @@ def test_concurrent_requests_are_batched(robot_server: ServerThread) -> None:
 
 
 def test_event_loop_stays_responsive_during_inference(raw_policy: Policy) -> None:
-    with ServerThread(SlowPolicy(raw_policy, 1.5), ServerConfig(port=0)) as server:
+    with ServerThread(SlowPolicy(raw_policy, 2.5), ServerConfig(port=0)) as server:
         done = threading.Event()
 
         def slow_request() -> None:
@@ -260,7 +260,7 @@ def test_event_loop_stays_responsive_during_inference(raw_policy: Policy) -> Non
             pytest.raises(ServerError, match="missing field 'image0'"),
         ):
             client.infer({"proprio": np.zeros(20)})
-        assert time.perf_counter() - t0 < 1.0 and not done.is_set()
+        assert time.perf_counter() - t0 < 1.5 and not done.is_set()  # the forward pass takes 2.5 s
         assert done.wait(timeout=30)
 
 
