@@ -40,6 +40,7 @@ class ModelInit:
     # else builtin. A checkpoint brings its own.
     tokenizer: str | None = None
     activation_checkpointing: bool = False  # recompute transformer blocks in backward (memory for compute)
+    compile: bool = False  # torch.compile each repeated layer as its own region (not with fsdp)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"{name}: invalid value {_get(self, name)!r}")
+        if self.fsdp and self.model.compile:
+            raise ConfigError("model.compile: not supported together with fsdp")
         if self.checkpoint.ema_decay is not None and not 0.0 < self.checkpoint.ema_decay < 1.0:
             raise ConfigError(
                 f"checkpoint.ema_decay: expected a value in (0, 1), got {self.checkpoint.ema_decay}"

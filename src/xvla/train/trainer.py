@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,10 @@ from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.checkpoint import read_checkpoint
+from xvla.model.fast import (  # the repeated layers: FSDP units, recompute, compile
+    LAYER_CLASSES,
+    prepare_training,
+)
 from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing as ckpt
@@ -59,8 +62,6 @@ from xvla.train.optim import (
 
 log = logging.getLogger(__name__)
 
-# Modules that FSDP shards as units and activation checkpointing recomputes.
-LAYER_CLASSES = ("Block", "BartEncoderLayer", "Florence2VisionBlock")
 ALL_GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
 BART_VOCAB = 50265  # facebook/bart-large's tokenizer size (Florence-2 adds tokens on top)
 BUILTIN_VOCAB = 4096  # upper bound for the offline BPE (its small built-in corpus yields far fewer merges)
@@ -228,21 +229,6 @@ def _is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer/encoder layer in the backward pass instead of storing its activations."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        apply_activation_checkpointing,
-        checkpoint_wrapper,
-    )
-
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-        check_fn=lambda m: type(m).__name__ in LAYER_CLASSES,
-    )
-
-
 # ------------------------------------------------------------------------------------------------------ data
 class TransformedStream(IterableDataset):
     """`MixtureDataset` raw samples -> transformed model-batch entries (in the DataLoader workers).
@@ -302,8 +288,12 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     if start is not None:
         _check_architecture(start, job.xvla.config)
 
-    if cfg.model.activation_checkpointing and not cfg.fsdp:
-        apply_activation_checkpointing(job.model)
+    if not cfg.fsdp:  # under FSDP, accelerate's plugin applies activation checkpointing to the same layers
+        prepare_training(
+            job.model,
+            compile_layers=cfg.model.compile,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+        )
     if cfg.checkpoint.ema_decay is not None and cfg.fsdp:
         raise ConfigError("checkpoint.ema_decay: EMA of weights is not supported together with fsdp")
 
