@@ -75,9 +75,8 @@ def _parity(args: argparse.Namespace) -> int:
         return 2
     print(f"checkpoint layout: {layout}")
     for r in results:
-        kind = "rel" if r.relative else "abs"
         print(
-            f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} max {kind} err {r.error:.3e} (tol {r.tol:.0e}, |ref| max {r.max_ref:.3g})"
+            f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} max {r.kind} err {r.error:.3e} (tol {r.tol:.0e}, |ref| max {r.max_ref:.3g})"
         )
     failed = [r.name for r in results if not r.ok]
     print(

@@ -23,23 +23,32 @@ from xvla.model.xvla import XVLA
 
 @dataclass(frozen=True)
 class Comparison:
+    """One output: `kind` is "abs" (atol), "rel" (loss scalars, rtol relative to the value) or "scaled" (DaViT
+    debug stages: unnormalised intermediates whose magnitude grows with the model, atol per unit of max|ref|)."""
+
     name: str
     max_abs: float
     max_ref: float
-    relative: bool  # loss scalars are judged relative to their value
+    kind: str
     tol: float
 
     @property
     def error(self) -> float:
-        return self.max_abs / max(self.max_ref, 1e-12) if self.relative else self.max_abs
+        if self.kind == "rel":
+            return self.max_abs / max(self.max_ref, 1e-12)
+        if self.kind == "scaled":
+            return self.max_abs / max(self.max_ref, 1.0)
+        return self.max_abs
 
     @property
     def ok(self) -> bool:
         return self.error <= self.tol
 
 
-def _is_loss(name: str) -> bool:
-    return name.endswith("_loss") or name.endswith("loss_total")
+def _kind(name: str) -> str:
+    if name.endswith("_loss") or name.endswith("loss_total"):
+        return "rel"
+    return "scaled" if name.startswith("davit_") else "abs"
 
 
 def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -183,10 +192,9 @@ def run_parity(
         a, r = ours[name].float(), expected[name].float()
         if a.shape != r.shape:
             raise ValueError(f"parity: {name}: computed shape {tuple(a.shape)} vs reference {tuple(r.shape)}")
-        rel = _is_loss(name)
-        results.append(
-            Comparison(name, (a - r).abs().max().item(), r.abs().max().item(), rel, rtol if rel else atol)
-        )
+        kind = _kind(name)
+        tol = rtol if kind == "rel" else atol
+        results.append(Comparison(name, (a - r).abs().max().item(), r.abs().max().item(), kind, tol))
     if not results:
         raise ValueError(f"parity: {refs_file} holds no reference output this replay knows")
     return results, layout
