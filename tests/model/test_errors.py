@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import build_small_model, make_batch, small_config
+from .model_helpers import build_small_model, make_batch, small_config
 from safetensors.torch import load_file, save_file
 
 from xvla.model import XVLA, build_action_space

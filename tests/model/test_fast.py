@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from model_helpers import make_batch, small_config
+from .model_helpers import make_batch, small_config
 
 from xvla.model import XVLA
 from xvla.model.fast import (
@@ -69,10 +69,13 @@ def test_noise_is_drawn_like_generate() -> None:
     assert not torch.equal(gen(batch), fast)  # fresh noise on the next call
 
 
-def test_bfloat16_copy_within_tolerance_and_refresh() -> None:
+@pytest.mark.parametrize("fp32_residual", [True, False], ids=["fp32-residual", "pure-bf16"])
+def test_bfloat16_copy_within_tolerance_and_refresh(fp32_residual: bool) -> None:
     model, batch = _model()
-    gen = FastGenerator(model, FastOptions(dtype="bfloat16", compile=False))
-    assert gen.net is not model and next(gen.net.parameters()).dtype == torch.bfloat16
+    gen = FastGenerator(model, FastOptions(dtype="bfloat16", fp32_residual=fp32_residual, compile=False))
+    assert gen.net is not model and gen.net.transformer.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    norm_dtype = gen.net.transformer.norm.weight.dtype
+    assert norm_dtype == (torch.float32 if fp32_residual else torch.bfloat16)
     assert next(model.parameters()).dtype == torch.float32  # the eager model is untouched
     noise = torch.randn(3, model.config.num_actions, model.action_space.dim)
     fast = gen(batch, noise=noise)

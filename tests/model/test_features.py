@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from model_helpers import build_small_model, make_batch, small_config
+from .model_helpers import build_small_model, make_batch, small_config
 
 from xvla.cli import main
 from xvla.config import get_preset

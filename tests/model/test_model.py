@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from model_helpers import build_small_model, make_batch, small_config
+from .model_helpers import build_small_model, make_batch, small_config
 
 from xvla.model import XVLA
 

@@ -65,3 +65,22 @@ def test_cli_errors_are_reported(tmp_path, capsys: pytest.CaptureFixture[str]) -
     assert "none.safetensors not found" in capsys.readouterr().err
     assert main(["info", "--config", str(folder)]) == 0
     assert "2,725,496" in capsys.readouterr().out
+
+
+def test_minimal_florence_config_reads_like_the_full_one() -> None:
+    import json
+
+    from xvla.model.checkpoint import config_from_authors, config_from_lerobot
+
+    raw = json.loads((fixture_dir("xvla_official_tiny") / "config.json").read_text())
+    fc = raw["florence_config"]
+    vision_keys = ("dim_embed", "num_heads", "num_groups", "depths", "window_size", "image_pos_embed")
+    text_keys = ("vocab_size", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim")
+    minimal = {
+        "projection_dim": fc["projection_dim"],
+        "vision_config": {k: fc["vision_config"][k] for k in vision_keys},
+        "text_config": {k: fc["text_config"][k] for k in text_keys},
+    }
+    assert config_from_authors({**raw, "florence_config": minimal}) == config_from_authors(raw)
+    lerobot = json.loads((fixture_dir("xvla_lerobot_tiny") / "config.json").read_text())
+    assert config_from_lerobot(lerobot) == config_from_authors(raw)
