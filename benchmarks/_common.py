@@ -106,25 +106,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events around it on GPU, a synchronised perf_counter elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
 def time_calls(fn: Callable[[], Any], device: torch.device, *, iters: int, warmup: int) -> list[float]:
-    """Milliseconds per call, warm-up excluded: CUDA events around each call on GPU, synchronised
-    perf_counter elsewhere."""
+    """Milliseconds per call over `iters` calls after `warmup` excluded ones."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
+    return [time_once(fn, device) for _ in range(iters)]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, *, iters: int, warmup: int
+) -> dict[str, list[float]]:
+    """Like `time_calls` for several variants, taking turns call by call, so that load from other processes
+    (a shared CPU) or clock changes hit every variant alike and their ratio stays meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
     return times
 
 

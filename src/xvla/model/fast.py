@@ -27,6 +27,7 @@ meta device from the config alone (no weights, no compute).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -55,7 +56,11 @@ INPUT_KEYS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "prop
 class FastOptions:
     """How `FastGenerator` runs. `None` fields pick the device default.
 
-    dtype: weights and activations ("auto": bf16 on CUDA, fp32 elsewhere).
+    dtype: low-precision weights ("auto": float16 on CUDA, float32 elsewhere; see docs/performance.md for why
+        float16 rather than bfloat16 is the CUDA default: same speed, 8x finer rounding).
+    fp32_residual: with a 16-bit dtype, keep the residual stream, norms, softmax and the sampler's state in fp32
+        (matmuls/convs in 16 bit under autocast, weights pre-cast so autocast casts nothing); False: everything in
+        the 16-bit dtype (cheapest, about 2x the error).
     cuda_graph: capture the whole chunk in a CUDA graph (default: on CUDA).
     compile: torch.compile the encoder and one denoising step (default: off on CUDA, where the graph already
         removes the launch overhead and startup must stay short; on elsewhere).
@@ -65,6 +70,7 @@ class FastOptions:
     """
 
     dtype: DtypeName = "auto"
+    fp32_residual: bool = True
     cuda_graph: bool | None = None
     compile: bool | None = None
     compile_mode: str | None = None
@@ -120,8 +126,10 @@ class FastGenerator:
         self.options = options
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
-        name = options.dtype if options.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
-        self.dtype = DTYPES[name]
+        name = options.dtype if options.dtype != "auto" else ("float16" if on_cuda else "float32")
+        self.dtype = DTYPES[name]  # weights of matmuls/convs
+        mixed = options.fp32_residual and self.dtype != torch.float32
+        self.act_dtype = torch.float32 if mixed else self.dtype  # activations between matmuls
         self.use_graph = on_cuda if options.cuda_graph is None else options.cuda_graph
         if self.use_graph and not on_cuda:
             raise ValueError(f"FastOptions.cuda_graph=True needs the model on CUDA, it is on {self.device}")
@@ -134,15 +142,23 @@ class FastGenerator:
     def refresh(self) -> None:
         """(Re)build the network copy from the model's current weights and forget graphs/compiled code."""
         model_dtype = next(self.model.parameters()).dtype
-        self.net = self.model if model_dtype == self.dtype else copy.deepcopy(self.model).to(self.dtype)
+        if model_dtype == self.dtype:
+            self.net = self.model
+        elif self.act_dtype == self.dtype:
+            self.net = copy.deepcopy(self.model).to(self.dtype)
+        else:  # mixed: pre-cast what autocast would cast (matmul/conv weights, embedding tables), keep the rest
+            self.net = copy.deepcopy(self.model)
+            for m in self.net.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    m.to(self.dtype)
         self.net.eval()
         self._graphs.clear()
         self._grids: dict[int, tuple[list[float], Tensor]] = {}
         space = self.net.action_space
-        ones = torch.ones(space.dim, device=self.device, dtype=self.dtype)
+        ones = torch.ones(space.dim, device=self.device, dtype=self.act_dtype)
         self._keep_x = space.mask_gripper(ones) if self.net.config.objective == "x0_renoise" else ones
         self._keep_p = space.mask_gripper(
-            torch.ones(self.net.config.proprio_dim, device=self.device, dtype=self.dtype)
+            torch.ones(self.net.config.proprio_dim, device=self.device, dtype=self.act_dtype)
         )
         self._encode_fn = self._encode
         self._step_fn = self._step
@@ -153,7 +169,10 @@ class FastGenerator:
     @property
     def mode(self) -> str:
         """The path that runs, e.g. 'static+bfloat16+compile+cuda_graph'."""
-        parts = ["static", str(self.dtype).removeprefix("torch.")]
+        parts = [
+            "static",
+            str(self.dtype).removeprefix("torch.") + ("-fp32res" if self.act_dtype != self.dtype else ""),
+        ]
         return "+".join(
             parts + (["compile"] if self.use_compile else []) + (["cuda_graph"] if self.use_graph else [])
         )
@@ -165,7 +184,7 @@ class FastGenerator:
         """`FlorenceEncoder.forward` with static shapes: all views through DaViT, missing ones zeroed."""
         vlm, cfg = self.net.vlm, self.net.config
         b, v = pixel_values.shape[:2]
-        feats = vlm.encode_images(pixel_values.flatten(0, 1).to(self.dtype))
+        feats = vlm.encode_images(pixel_values.flatten(0, 1).to(self.act_dtype))
         feats = (feats * image_mask.reshape(-1, 1, 1).to(feats.dtype)).view(b, v, cfg.tokens_per_view, -1)
         text = vlm.text_encoder.embed_tokens(input_ids).to(feats.dtype)
         vlm_mask = aux_mask = None
@@ -208,6 +227,23 @@ class FastGenerator:
         steps: int,
     ) -> Tensor:
         """Encode once, then `steps` network calls; raw network output [B, T, A] (not post-processed)."""
+        mixed = self.act_dtype != self.dtype
+        with torch.autocast(self.device.type, dtype=self.dtype) if mixed else contextlib.nullcontext():
+            return self._chunk_body(
+                pixel_values, image_mask, input_ids, attention_mask, proprio, domain_id, noise, steps
+            )
+
+    def _chunk_body(
+        self,
+        pixel_values: Tensor,
+        image_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        proprio: Tensor,
+        domain_id: Tensor,
+        noise: Tensor,
+        steps: int,
+    ) -> Tensor:
         cfg, tr = self.net.config, self.net.transformer
         n_act, a_dim, p_dim = cfg.num_actions, self.net.action_space.dim, cfg.proprio_dim
         enc = self._encode_fn(pixel_values, image_mask, input_ids, attention_mask)
@@ -216,11 +252,11 @@ class FastGenerator:
         enc_w = tr.action_encoder.fc(domain_id).view(b, -1, tr.cfg.hidden_size)  # [B, A+P+Dt, H]
         w_x, w_p, w_t = enc_w.split([a_dim, p_dim, tr.cfg.dim_time], dim=1)
         bias = tr.action_encoder.bias(domain_id)[:, None] + tr.pos_emb[:, :n_act]  # [B, T, H]
-        base = bias + torch.matmul((proprio.to(self.dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
+        base = bias + torch.matmul((proprio.to(self.act_dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
         renoise = cfg.objective == "x0_renoise"
         grid, time_emb = self._time_grid(steps)
         t_term = torch.matmul(time_emb, w_t)  # [B, S, H] (time_emb [S, Dt], w_t [B, Dt, H])
-        noise = noise.to(self.dtype)
+        noise = noise.to(self.act_dtype)
         out = torch.zeros_like(noise) if renoise else noise
         for k, tk in enumerate(grid):
             step_base = base + t_term[:, k : k + 1]
@@ -250,7 +286,10 @@ class FastGenerator:
                 [(steps - k) / steps for k in range(steps)] if renoise else [k / steps for k in range(steps)]
             )
             t = torch.tensor(grid, dtype=torch.float32, device=self.device)
-            self._grids[steps] = (grid, timestep_embedding(t, self.net.transformer.time_freqs).to(self.dtype))
+            self._grids[steps] = (
+                grid,
+                timestep_embedding(t, self.net.transformer.time_freqs).to(self.act_dtype),
+            )
         return self._grids[steps]
 
     # ----------------------------------------------------------------------------------------------- public
@@ -395,7 +434,7 @@ def count_flops(model_config: Any, batch_size: int = 1, views: int | None = None
     with torch.device("meta"):
         model = XVLA(cfg).eval()
         gen = FastGenerator.__new__(FastGenerator)  # the static encoder needs only these attributes
-        gen.net, gen.dtype = model, torch.float32
+        gen.net, gen.act_dtype = model, torch.float32
         b = batch_size
         pixels = torch.zeros(b * v, 3, cfg.image_size, cfg.image_size)
         ids = torch.zeros(b, cfg.max_text_len, dtype=torch.long)
