@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import pickle
 from pathlib import Path
 
@@ -135,6 +136,19 @@ def test_fps_required_when_not_recorded(tmp_path: Path) -> None:
     ds = open_dataset(path, fps=10)
     assert ds.fps == 10 and ds.lowdim_keys == ("state",) and ds.episode_task(0) == ""
     np.testing.assert_allclose(ds.read_timestamps(0), [0.0, 0.1, 0.25, 0.3])
+
+
+def test_forked_worker_reads(tmp_path: Path) -> None:
+    write_libero(tmp_path / "a.hdf5")
+    ds = open_dataset(tmp_path / "a.hdf5")
+    expected = ds.read_frames(1, "obs/agentview_rgb", [2, 0])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=lambda: queue.put(ds.read_frames(1, "obs/agentview_rgb", [2, 0])))
+    worker.start()
+    got = queue.get(timeout=60)
+    worker.join(timeout=60)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_pickles_without_open_files(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -118,6 +119,22 @@ def test_random_access_matches_sequential(fixture) -> None:
         )
     with pytest.raises(DatasetError, match="frame index out of range"):
         ds.read_frames(1, cam, [ds.episode_length(1)])
+
+
+def test_forked_worker_reopens_files(fixture) -> None:
+    """A data-loader worker forked after the parent read (and so opened files) reads the same frames, and the
+    parent's open decoders are undisturbed."""
+    _, ds, _ = fixture
+    cam = ds.camera_keys[0]
+    expected = ds.read_frames(4, cam, [7, 2, 8])
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=lambda: queue.put(ds.read_frames(4, cam, [7, 2, 8])))
+    worker.start()
+    got = queue.get(timeout=60)
+    worker.join(timeout=60)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(ds.read_frames(4, cam, [8]), expected[2:])
 
 
 def test_pickles_without_open_files(fixture) -> None:

@@ -50,9 +50,13 @@ class FileCache(OrderedDict):
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size, self._pid = max(1, size), os.getpid()
+        self._inherited: list[Any] = []
 
     def get_or_open(self, key: Any, open_: Callable[[], Any]) -> Any:
         if self._pid != os.getpid():
+            # keep the parent's handles alive but unused: destroying them here would close the parent's
+            # decoders from the child (a decoder waiting for threads that fork did not copy never returns)
+            self._inherited = list(self.values())
             self.clear()
             self._pid = os.getpid()
         if key in self:
