@@ -11,6 +11,7 @@ from xvla.data.lerobot_writer import LeRobotV3Writer
 from xvla.train.config import AdaptConfig, TrainConfig, apply_overrides, from_dict, to_dict
 
 SIZE = 32  # stored image side (the model resizes to 64)
+ARMS = [{"position": [0, 1, 2], "rotation": [3, 4, 5, 6], "gripper": 7}]  # x y z | quat xyzw | gripper
 # A small model: 64 px views (5 tokens each), 2-layer head of width 64, 4 domains.
 MODEL_OVERRIDES = {
     "image_size": 64,
@@ -26,12 +27,20 @@ MODEL_OVERRIDES = {
 }
 
 
+def _pose(angle: float, f: int, length: int) -> np.ndarray:
+    """x, y, z, quaternion xyzw (a tilt about x), gripper (closes half-way)."""
+    half = 0.5 * (0.3 * np.sin(angle))
+    xyz = [0.4 + 0.1 * np.cos(angle), 0.1 * np.sin(angle), 0.2 + 0.01 * f]
+    return np.array([*xyz, np.sin(half), 0, 0, np.cos(half), float(f > length // 2)], dtype=np.float32)
+
+
 def write_dataset(root: Path, *, episodes: int, length: int, phase: float) -> Path:
-    """Episodes of a gripper moving on a circle arc (start angle set by episode and `phase`); the image shows
-    a square whose colour encodes the episode and whose position encodes the frame."""
+    """Episodes of a gripper moving on a circle arc (start angle set by episode and `phase`); the action is the
+    next frame's pose; the image shows a square whose colour encodes the episode and position the frame."""
     features = {
         "observation.images.front": {"dtype": "image", "shape": [SIZE, SIZE, 3]},
         "observation.state": {"dtype": "float32", "shape": [8], "names": None},
+        "action": {"dtype": "float32", "shape": [8], "names": None},
     }
     with LeRobotV3Writer(root, fps=10, features=features) as writer:
         for ep in range(episodes):
@@ -41,23 +50,12 @@ def write_dataset(root: Path, *, episodes: int, length: int, phase: float) -> Pa
                 img = np.full((SIZE, SIZE, 3), 20, dtype=np.uint8)
                 x0 = (2 * f) % (SIZE - 8)
                 img[8:16, x0 : x0 + 8] = colour
-                half = 0.5 * (0.3 * np.sin(angle))
-                state = np.array(
-                    [
-                        0.4 + 0.1 * np.cos(angle),
-                        0.1 * np.sin(angle),
-                        0.2 + 0.01 * f,
-                        np.sin(half),
-                        0,
-                        0,
-                        np.cos(half),
-                        float(f > length // 2),
-                    ],
-                    dtype=np.float32,
-                )
-                writer.add_frame(
-                    {"observation.images.front": img, "observation.state": state}, task=f"task {ep % 2}"
-                )
+                frame = {
+                    "observation.images.front": img,
+                    "observation.state": _pose(angle, f, length),
+                    "action": _pose(angle + 0.08, min(f + 1, length - 1), length),
+                }
+                writer.add_frame(frame, task=f"task {ep % 2}")
             writer.save_episode()
         writer.finalize()
     return root
@@ -69,11 +67,8 @@ def source_dict(name: str, domain_id: int, path: Path, **changes: Any) -> dict[s
         "domain_id": domain_id,
         "path": str(path),
         "rot6d_layout": "contiguous",
-        "state": {
-            "key": "observation.state",
-            "dim": 8,
-            "arms": [{"position": [0, 1, 2], "rotation": [3, 4, 5, 6], "gripper": 7}],
-        },
+        "state": {"key": "observation.state", "dim": 8, "arms": ARMS},
+        "action": {"key": "action", "dim": 8, "arms": ARMS},
         "control_hz": 10,
         "cameras": [{"key": "observation.images.front"}],
         "horizon_s": 1.0,

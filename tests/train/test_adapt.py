@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
+from xvla.serve.policy import Policy
 from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
 from xvla.train.checkpointing import STATE
 from xvla.train.config import ConfigError
@@ -68,6 +70,15 @@ def test_prompt_mode_with_retrieval_leaves_other_domains_bit_identical(tmp_path,
     assert not torch.equal(after[4], before[ranking[0]["domain_id"]])  # the new domain did train
     sources = json.loads((final / "sources.json").read_text())
     assert sources["arc_b"]["domain_id"] == 4 and sources["arc_a"]["domain_id"] == 0
+    # the checkpoint alone serves both the old and the new source
+    for name in ("arc_a", "arc_b"):
+        policy = Policy.from_checkpoint(final, source=name, device="cpu", steps=2)
+        state = np.array([0.45, 0.0, 0.2, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=np.float32)
+        image = np.zeros((32, 32, 3), dtype=np.uint8)
+        reply = policy.infer(
+            {"state": state, "images": {"observation.images.front": image}, "instruction": "task 0"}
+        )
+        assert np.asarray(reply["actions"]).shape == (10, 8)  # 1 s at 10 Hz, native 8-d pose
 
 
 def test_lora_adapter_and_merged_exports_agree(tmp_path, datasets, base_checkpoint, capsys):
