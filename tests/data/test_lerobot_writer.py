@@ -86,7 +86,7 @@ def test_round_trip(tmp_path: Path, codec: str | None, limits: dict) -> None:
     root = write(tmp_path / "ds", video_codec=codec, **limits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # the temporary folder is gone
     # tiny limits force one data file and one mp4 per episode (checked before adding each episode)
-    # (at most 2 files per chunk folder here), default limits put all episodes back to back in one file
+    # (at most 2 files per chunk folder here); default limits put all episodes back to back in one file
     files = (
         ["chunk-000/file-000", "chunk-000/file-001", "chunk-001/file-000"]
         if limits
@@ -95,6 +95,8 @@ def test_round_trip(tmp_path: Path, codec: str | None, limits: dict) -> None:
     assert sorted(str(p.relative_to(root / "data"))[:-8] for p in (root / "data").rglob("*.parquet")) == files
     videos = root / "videos/observation.images.front"
     assert sorted(str(p.relative_to(videos))[:-4] for p in videos.rglob("*.mp4")) == files
+    meta = root / "meta/episodes"  # the episode table rolls over at the data size limit too
+    assert sorted(str(p.relative_to(meta))[:-8] for p in meta.rglob("*.parquet")) == files
     ds = open_dataset(root)
     assert ds.version == "v3.0" and ds.fps == 10 and ds.num_episodes == 3
     assert ds.camera_keys == (
@@ -253,5 +255,7 @@ def test_image_features_stored_as_files(tmp_path: Path) -> None:
         ds.read_frames(0, "observation.images.top", [3, 1]), np.stack([render(0, 3, 2), render(0, 1, 2)])
     )
     (root / "images/frame_1.png").unlink()
-    with pytest.raises(DatasetError, match=r"unreadable image in 'observation.images.top'.*frame_1.png.*episode 0, frame 1"):
+    with pytest.raises(
+        DatasetError, match=r"unreadable image in 'observation.images.top'.*frame_1.png.*episode 0, frame 1"
+    ):
         ds.read_frames(0, "observation.images.top", [1])

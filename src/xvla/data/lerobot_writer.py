@@ -3,7 +3,7 @@
 Layout written (as lerobot 0.4 writes it):
 
     meta/info.json, meta/stats.json, meta/tasks.parquet (task string as the pandas index)
-    meta/episodes/chunk-000/file-000.parquet        one row per episode: files, ranges, per-episode stats
+    meta/episodes/chunk-CCC/file-FFF.parquet        one row per episode: files, ranges, per-episode stats
     data/chunk-CCC/file-FFF.parquet                 frames of many episodes; rolls over at data_files_size_in_mb
     videos/<key>/chunk-CCC/file-FFF.mp4             episodes back to back; rolls over at video_files_size_in_mb
 
@@ -13,6 +13,7 @@ a half-written dataset at `root`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 # Encoders in order of preference: (PyAV encoder, codec name LeRobot records, options). A GOP of 2 (LeRobot's
@@ -109,9 +110,8 @@ class _EpisodeVideo:
         self.container.mux(self.stream.encode(frame))
         self.num_frames += 1
 
-    def close(self, flush: bool = True) -> None:
-        if flush:
-            self.container.mux(self.stream.encode(None))
+    def close(self) -> None:
+        self.container.mux(self.stream.encode(None))  # flush: encoders also complain when closed without it
         self.container.close()
 
 
@@ -200,7 +200,12 @@ class LeRobotV3Writer:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.writing-", dir=self.root.parent))
         self._tasks: dict[str, int] = {}
-        self._episodes: list[dict[str, Any]] = []
+        # episode-table rows not yet written (one meta/episodes file's worth) and running dataset stats
+        self._episode_rows: list[dict[str, Any]] = []
+        self._num_episodes = 0
+        self._meta_cursor = _FileCursor()
+        self._meta_mb = 0.0
+        self._stats = {key: _RunningStats() for key in (*self.features, *BOOKKEEPING)}
         self._total_frames = 0
         # the episode being recorded: low-dim rows and tasks, PNG bytes of image features, small copies of
         # camera frames for the stats, and one open encoder per video feature
@@ -260,7 +265,7 @@ class LeRobotV3Writer:
     def discard_episode(self) -> None:
         """Drop the frames added since the last `save_episode()`."""
         for encoder in self._encoders.values():
-            encoder.close(flush=False)
+            encoder.close()
             encoder.path.unlink(missing_ok=True)
         self._reset_episode()
 
@@ -274,7 +279,7 @@ class LeRobotV3Writer:
         self._check_open()
         if not self._rows:
             raise ValueError("save_episode() called with no frames added since the last episode")
-        ep, n, start = len(self._episodes), len(self._rows), self._total_frames
+        ep, n, start = self._num_episodes, len(self._rows), self._total_frames
         for task in self._frame_tasks:
             self._tasks.setdefault(task, len(self._tasks))
         columns: dict[str, np.ndarray] = {k: np.stack([r[k] for r in self._rows]) for k in self.lowdim_keys}
@@ -294,12 +299,13 @@ class LeRobotV3Writer:
         }
         for key in self.video_keys:
             record.update(self._write_video(key))
-        for key, values in columns.items():
-            record.update({f"stats/{key}/{s}": v for s, v in _numeric_stats(values).items()})
-        for key in self.camera_keys:
-            record.update({f"stats/{key}/{s}": v for s, v in _image_stats(self._thumbs[key]).items()})
-        record["meta/episodes/chunk_index"], record["meta/episodes/file_index"] = 0, 0
-        self._episodes.append(record)
+        stats = {key: _numeric_stats(values) for key, values in columns.items()}
+        stats.update({key: _image_stats(self._thumbs[key]) for key in self.camera_keys})
+        for key, feature_stats in stats.items():
+            self._stats[key].add(feature_stats)
+            record.update({f"stats/{key}/{s}": v for s, v in feature_stats.items()})
+        self._add_episode_row(record)
+        self._num_episodes += 1
         self._total_frames += n
         self._reset_episode()
         return ep
@@ -327,6 +333,23 @@ class LeRobotV3Writer:
             "data/chunk_index": self._data_cursor.chunk_index,
             "data/file_index": self._data_cursor.file_index,
         }
+
+    def _add_episode_row(self, record: dict[str, Any]) -> None:
+        """Queue an episode-table row; like data files, the table rolls over to a new file at the size limit."""
+        size_mb = len(json.dumps(record)) / 2**20  # a cheap upper bound of the row's size in parquet
+        if self._episode_rows and self._meta_mb + size_mb >= self.data_mb:
+            self._flush_episode_rows()
+            self._meta_cursor.advance(self.chunks_size)
+        record["meta/episodes/chunk_index"] = self._meta_cursor.chunk_index
+        record["meta/episodes/file_index"] = self._meta_cursor.file_index
+        self._episode_rows.append(record)
+        self._meta_mb += size_mb
+
+    def _flush_episode_rows(self) -> None:
+        path = self._tmp / EPISODES_PATH.format(**vars(self._meta_cursor))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(self._episode_rows), path)
+        self._episode_rows, self._meta_mb = [], 0.0
 
     def _write_video(self, key: str) -> dict[str, Any]:
         episode = self._encoders[key]
@@ -357,24 +380,18 @@ class LeRobotV3Writer:
             raise ValueError(
                 f"{len(self._rows)} frames were added but not saved: call save_episode() or discard_episode()"
             )
-        if not self._episodes:
+        if not self._num_episodes:
             raise ValueError("finalize() with no saved episode: nothing to write")
         if self._data_writer is not None:
             self._data_writer.close()
         for video in self._videos.values():
             video.close()
         shutil.rmtree(self._tmp / "episode-videos", ignore_errors=True)
+        self._flush_episode_rows()
         meta = self._tmp / "meta"
-        (meta / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(self._episodes), self._tmp / EPISODES_PATH)
         _write_tasks(meta / "tasks.parquet", list(self._tasks))
         (meta / "info.json").write_text(json.dumps(self._info(), indent=4))
-        stats = {
-            key: _aggregate_stats(
-                [{s: np.asarray(e[f"stats/{key}/{s}"]) for s in _STAT_NAMES} for e in self._episodes]
-            )
-            for key in (*self.features, *BOOKKEEPING)
-        }
+        stats = {key: running.result() for key, running in self._stats.items()}
         (meta / "stats.json").write_text(json.dumps(stats, indent=4))
 
         if self.root.exists():  # overwrite=True: swap in the new folder, then delete the old one
@@ -394,7 +411,8 @@ class LeRobotV3Writer:
         if self._data_writer is not None:
             self._data_writer.close()
         for video in (*self._encoders.values(), *self._videos.values()):
-            video.container.close()
+            with contextlib.suppress(Exception):  # already broken or closed: it is deleted anyway
+                video.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._finalized = True
 
@@ -431,14 +449,14 @@ class LeRobotV3Writer:
         return {
             "codebase_version": CODEBASE_VERSION,
             "robot_type": self.robot_type,
-            "total_episodes": len(self._episodes),
+            "total_episodes": self._num_episodes,
             "total_frames": self._total_frames,
             "total_tasks": len(self._tasks),
             "chunks_size": self.chunks_size,
             "data_files_size_in_mb": self.data_mb,
             "video_files_size_in_mb": self.video_mb,
             "fps": self.fps,
-            "splits": {"train": f"0:{len(self._episodes)}"},
+            "splits": {"train": f"0:{self._num_episodes}"},
             "data_path": DATA_PATH,
             "video_path": VIDEO_PATH if self.video_keys else None,
             "features": features,
@@ -515,23 +533,42 @@ def _image_stats(thumbs: list[np.ndarray], max_frames: int = 100) -> dict[str, A
     return stats
 
 
-def _aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Whole-dataset stats: exact min/max/mean/std; quantiles as the count-weighted mean (as lerobot does)."""
-    counts = np.array([float(e["count"].reshape(-1)[0]) for e in per_episode])
-    weights = (counts / counts.sum()).reshape(-1, *[1] * per_episode[0]["mean"].ndim)
-    means = np.stack([e["mean"] for e in per_episode])
-    mean = (weights * means).sum(0)
-    var = (weights * (np.stack([e["std"] for e in per_episode]) ** 2 + (means - mean) ** 2)).sum(0)
-    out = {
-        "min": np.min([e["min"] for e in per_episode], axis=0),
-        "max": np.max([e["max"] for e in per_episode], axis=0),
-        "mean": mean,
-        "std": np.sqrt(var),
-        "count": np.array([int(counts.sum())]),
-    }
-    for name in _STAT_NAMES[5:]:
-        out[name] = (weights * np.stack([e[name] for e in per_episode])).sum(0)
-    return {k: v.tolist() for k, v in out.items()}
+class _RunningStats:
+    """Whole-dataset stats of one feature, accumulated episode by episode: exact min/max/mean/std; quantiles
+    as the count-weighted mean of the episodes' quantiles (as lerobot 0.4 aggregates them)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, stats: dict[str, Any]) -> None:
+        n = int(np.asarray(stats["count"]).reshape(-1)[0])
+        mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
+        weighted = {"mean": n * mean, "sq": n * (std**2 + mean**2)}
+        weighted.update({q: n * np.asarray(stats[q], np.float64) for q in _STAT_NAMES[5:]})
+        if not self.count:
+            self.sums = {
+                "min": np.asarray(stats["min"], np.float64),
+                "max": np.asarray(stats["max"], np.float64),
+            }
+            self.sums.update({k: np.zeros_like(mean) for k in weighted})
+        self.sums["min"] = np.minimum(self.sums["min"], stats["min"])
+        self.sums["max"] = np.maximum(self.sums["max"], stats["max"])
+        for key, value in weighted.items():
+            self.sums[key] = self.sums[key] + value
+        self.count += n
+
+    def result(self) -> dict[str, Any]:
+        mean = self.sums["mean"] / self.count
+        out = {
+            "min": self.sums["min"],
+            "max": self.sums["max"],
+            "mean": mean,
+            "std": np.sqrt(np.maximum(self.sums["sq"] / self.count - mean**2, 0.0)),
+            "count": np.array([self.count]),
+        }
+        out.update({q: self.sums[q] / self.count for q in _STAT_NAMES[5:]})
+        return {k: v.tolist() for k, v in out.items()}
 
 
 def _write_tasks(path: Path, tasks: list[str]) -> None:
