@@ -63,6 +63,8 @@ class LeRobotDataset:
         decoder_threads: int = 1,
     ) -> None:
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset path does not exist or is not a folder: {self.root}")
         self.info: dict[str, Any] = read_json(self.root / "meta" / "info.json", dataset=self.root)
         self.version = str(self.info.get("codebase_version", ""))
         if self.version not in SUPPORTED_VERSIONS:
