@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -190,3 +191,25 @@ def test_dataloader_workers_resume(tmp_path, datasets, monkeypatch):
         checkpointing.checkpoint_path(cfg.output_dir, 4) / "training_state" / "rank_0.pt", weights_only=False
     )
     assert state["data"]["consumed"] == [8, 8]  # 4 batches of 4 samples, round-robin over 2 workers
+
+
+def test_finetune_from_checkpoint_merges_sources(tmp_path, datasets, base_checkpoint):
+    data = mixture(datasets, ("arc_a", "arc_b"))  # arc_a keeps domain 0, arc_b takes domain 1
+    cfg = make_config(
+        tmp_path / "ft", data, ("steps=2", "val.every=0", f"model.checkpoint={base_checkpoint}")
+    )
+    with pytest.raises(ConfigError, match="model.overrides: only for presets"):
+        train(cfg)
+    cfg = make_config(tmp_path / "ft", data, ("steps=2", "val.every=0"))
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, checkpoint=str(base_checkpoint), overrides={})
+    )
+    final = train(cfg)
+    sources = json.loads((final / "sources.json").read_text())
+    assert {n: s["domain_id"] for n, s in sources.items()} == {"arc_a": 0, "arc_b": 1}
+    moved = {"sources": [source_dict("arc_b", 0, datasets["arc_b"])]}  # arc_b now on arc_a's domain
+    cfg = dataclasses.replace(
+        cfg, output_dir=str(tmp_path / "ft2"), data=dataclasses.replace(cfg.data, mixture=moved)
+    )
+    sources = json.loads((train(cfg) / "sources.json").read_text())
+    assert {n: s["domain_id"] for n, s in sources.items()} == {"arc_b": 0}

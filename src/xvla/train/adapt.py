@@ -37,6 +37,7 @@ from xvla.train.trainer import (
     check_mixture,
     load_mixture,
     make_accelerator,
+    merge_sources,
     read_sources,
     run,
 )
@@ -110,7 +111,7 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
             accelerator.print(f"retrieval for {source.name!r} (flow loss, best first): {lines}")
 
     mixture = Mixture(tuple(grown))
-    sources = {**known, **{s.name: s.to_dict() for s in grown}}
+    sources = merge_sources(known, mixture)
     groups = model.parameter_groups()
     notes = {"base": str(base), "mode": cfg.mode, "init": cfg.init, "new_domains": report}
     if cfg.mode != "lora":

@@ -79,9 +79,8 @@ class Job:
     sources: dict[str, dict[str, Any]]  # every source the model serves (written as sources.json)
     prompt_groups: tuple[str, ...] = PROMPT_PHASE_GROUPS  # trainable during optim.prompt_warmup_steps
     main_groups: tuple[str, ...] = ALL_GROUPS  # trainable afterwards
-    export: Callable[[nn.Module, Path], None] | None = (
-        None  # writes the servable model; None = save_pretrained
-    )
+    # Writes the servable model from a full state dict of `model` into a folder (None: XVLA.save_pretrained).
+    export: Callable[[dict[str, Tensor], Path], None] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # extra facts for train_config.json (e.g. adaptation)
 
 
@@ -118,7 +117,7 @@ def build_job(cfg: TrainConfig) -> Job:
         tokenizer = preset_tokenizer(cfg.model.tokenizer, model.config)
     check_fits(tokenizer, model.config.text.vocab_size)
     check_mixture(mixture, model)
-    sources.update({s.name: s.to_dict() for s in mixture.sources})
+    sources = merge_sources(sources, mixture)
     groups = model.parameter_groups()
     check_groups(model, groups)
     return Job(model=model, xvla=model, groups=groups, tokenizer=tokenizer, mixture=mixture, sources=sources)
@@ -171,8 +170,22 @@ def check_mixture(mixture: Mixture, model: XVLA) -> None:
 
 
 def read_sources(folder: Path) -> dict[str, dict[str, Any]]:
+    """A checkpoint's `sources.json` as {name: Source dict} (a mixture dict or a list is accepted too)."""
     path = folder / "sources.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "sources" not in data:
+        return data
+    return {s.name: s.to_dict() for s in Mixture.from_dict(data).sources}
+
+
+def merge_sources(known: dict[str, dict[str, Any]], mixture: Mixture) -> dict[str, dict[str, Any]]:
+    """`known` sources plus the mixture's; a mixture source replaces any known one with its name or domain."""
+    names = {s.name for s in mixture.sources}
+    ids = {s.domain_id for s in mixture.sources}
+    kept = {n: d for n, d in known.items() if n not in names and d.get("domain_id") not in ids}
+    return {**kept, **{s.name: s.to_dict() for s in mixture.sources}}
 
 
 # ------------------------------------------------------------------------------------------------ accelerate
