@@ -201,6 +201,10 @@ def test_corrupt_parquet(v3_copy: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DatasetError, match=r"corrupt parquet.*file-000\.parquet.*episode 0"):
         open_dataset(v3_copy).read_lowdim(0, "observation.state")
+    table = v3_copy / "meta/episodes/chunk-000/file-000.parquet"
+    table.write_bytes(b"PAR1" + b"\x00" * 100)
+    with pytest.raises(DatasetError, match=r"corrupt parquet.*meta/episodes/chunk-000/file-000\.parquet"):
+        open_dataset(v3_copy)
 
 
 def test_corrupt_and_truncated_video(v3_copy: Path, v21_copy: Path) -> None:

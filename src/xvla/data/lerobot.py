@@ -112,12 +112,15 @@ class LeRobotDataset:
         for key in self.video_keys:
             wanted += [f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")]
         parts = []
-        for path in files:
-            table = self._read_table(path, None)
-            missing = [c for c in wanted if c not in table.column_names]
+        for path in files:  # only the columns needed here, not the per-episode stats
+            try:
+                missing = [c for c in wanted if c not in pq.read_schema(path).names]
+                if not missing:
+                    parts.append(pq.read_table(path, columns=wanted))
+            except (pa.ArrowException, OSError) as err:
+                raise DatasetError(f"corrupt parquet: {err}", dataset=self.root, file=path) from err
             if missing:
                 raise DatasetError(f"episode table lacks columns {missing}", dataset=self.root, file=path)
-            parts.append(table.select(wanted))
         table = pa.concat_tables(parts, promote_options="default")
         cols = {c: table.column(c).to_numpy() for c in wanted if c != "tasks"}
         order = np.argsort(cols["episode_index"], kind="stable")
