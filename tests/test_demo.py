@@ -1,0 +1,248 @@
+"""`xvla demo`: config presets and overrides, the report on synthetic results, and one `--scale smoke` run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xvla.demo import SCALES, DemoConfig, demo_config, merge_evaluations, write_report
+
+# Top-level keys of results.json that docs/demo.md documents.
+RESULT_KEYS = {
+    "config",
+    "machine",
+    "timing_s",
+    "budget_s",
+    "data",
+    "oracle",
+    "pretrain",
+    "adapt",
+    "heldout_eval",
+    "pretrain_eval",
+    "soft_prompts",
+}
+SUMMARY_KEYS = {"successes", "episodes", "success_rate", "ci95", "mean_steps", "tasks"}
+
+
+def test_scales_are_valid_and_json_round_trip() -> None:
+    for name, cfg in SCALES.items():
+        assert cfg.scale == name
+        assert DemoConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    default = SCALES["default"]
+    assert sum(default.budget_s.values()) <= 25 * 60  # the promise of the default scale
+    assert SCALES["smoke"].pretrain_steps < default.pretrain_steps < SCALES["small"].pretrain_steps
+
+
+def test_overrides_are_typed_and_named() -> None:
+    cfg = demo_config(
+        "smoke",
+        [
+            "pretrain_steps=7",
+            "lr=1e-3",
+            "adapt_mode=lora",
+            "scratch_baseline=true",
+            "pretrain_sources=[rs_panda, rs_ur5e]",
+        ],
+    )
+    assert (cfg.pretrain_steps, cfg.lr, cfg.adapt_mode, cfg.scratch_baseline) == (7, 1e-3, "lora", True)
+    assert cfg.pretrain_sources == ("rs_panda", "rs_ur5e")
+    with pytest.raises(ValueError, match="pretrain_step"):
+        demo_config("smoke", ["pretrain_step=7"])
+    with pytest.raises(ValueError, match="pretrain_steps: expected int"):
+        demo_config("smoke", ["pretrain_steps=many"])
+    with pytest.raises(ValueError, match="scale: unknown 'huge'"):
+        demo_config("huge")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"adapt_prompt_steps": 400}, "adapt_prompt_steps"),
+        ({"val_episodes": 20}, "val_episodes"),
+        ({"adapt_mode": "half"}, "adapt_mode"),
+        ({"adapt_init": "scratch"}, "adapt_init"),
+        ({"episodes": 0}, "episodes"),
+        ({"budget_s": {"train": 1.0}}, "budget_s"),
+    ],
+)
+def test_invalid_configs_name_the_field(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**changes)
+
+
+def test_merge_evaluations_pools_tasks_with_wilson_interval() -> None:
+    parts = [
+        {
+            "tasks": {
+                "a": {
+                    "successes": 3,
+                    "episodes": 4,
+                    "success_rate": 0.75,
+                    "ci95": [0, 1],
+                    "mean_steps": 10.0,
+                    "outcomes": [],
+                }
+            }
+        },
+        {
+            "tasks": {
+                "b": {"successes": 0, "episodes": 6, "success_rate": 0.0, "ci95": [0, 1], "mean_steps": 20.0}
+            }
+        },
+    ]
+    merged = merge_evaluations(parts)
+    assert (merged["successes"], merged["episodes"], merged["success_rate"]) == (3, 10, 0.3)
+    assert merged["mean_steps"] == pytest.approx(16.0)
+    low, high = merged["ci95"]
+    assert 0.1 < low < 0.3 < high < 0.61  # Wilson interval of 3/10: 0.108-0.603
+    assert "outcomes" not in merged["tasks"]["a"]
+
+
+def _summary(k: int, n: int) -> dict[str, Any]:
+    return {
+        "successes": k,
+        "episodes": n,
+        "success_rate": k / n,
+        "ci95": [0.1, 0.9],
+        "mean_steps": 50.0,
+        "tasks": {},
+    }
+
+
+def synthetic_results() -> dict[str, Any]:
+    cfg = SCALES["default"].to_dict()
+    history = {
+        "step": [10, 20, 30],
+        "loss": [9.0, 5.0, 3.0],
+        "per_source": {"mw_sawyer": [10.0, None, 3.0], "rs_panda": [8.0, 4.0, 2.5]},
+    }
+    val = {
+        "overall": {"flow_loss": 2.0, "l1": 0.1, "samples": 64},
+        "per_source": {"mw_sawyer": {"flow_loss": 2.2, "l1": 0.12, "samples": 32}},
+    }
+    data = {
+        "robot": "Panda",
+        "role": "pre-training",
+        "domain_id": 1,
+        "fps": 20.0,
+        "tasks": ["Lift"],
+        "episodes": 20,
+        "val_episodes": 2,
+        "frames": 2000,
+        "expert_success_rate": 0.95,
+        "expert_attempts": 21,
+    }
+    return {
+        "config": cfg,
+        "machine": {"device": "CPU", "cpu_count": 2, "load_average": 0.5, "threads": 2, "workers": 2},
+        "timing_s": {"generate": 200.0, "pretrain": 500.0, "total": 1300.0},
+        "budget_s": cfg["budget_s"],
+        "data": {"rs_panda": data, "rs_kinova3": {**data, "role": "held-out", "domain_id": 5}},
+        "oracle": {"rs_kinova3": {**_summary(2, 2), "expert_success_rate": 1.0}},
+        "pretrain": {
+            "checkpoint": "x",
+            "steps": 30,
+            "final_loss": 3.0,
+            "samples_per_s": 20.0,
+            "history": history,
+            "validation": val,
+            "parameters": 1_700_000,
+            "num_domains": 5,
+        },
+        "adapt": {
+            "checkpoint": "y",
+            "steps": 30,
+            "final_loss": 2.0,
+            "samples_per_s": 20.0,
+            "history": {**history, "per_source": {"rs_kinova3": [5.0, 4.0, 3.0]}},
+            "validation": val,
+            "domain_id": 5,
+            "init_from": "rs_panda",
+            "init_domain_id": 1,
+            "prompt_steps": 10,
+            "mode": "full",
+            "retrieval": [{"domain_id": 1, "name": "rs_panda", "loss": 4.0}],
+            "domains": {"rs_panda": 1, "rs_kinova3": 5},
+        },
+        "heldout_eval": {
+            "untrained": _summary(0, 10),
+            "pre_adaptation": _summary(1, 20),
+            "adapted": _summary(9, 20),
+        },
+        "pretrain_eval": {"rs_panda": _summary(3, 4)},
+        "soft_prompts": {
+            "explained_variance": [0.6, 0.3],
+            "domains": {
+                "rs_panda": {"domain_id": 1, "point": [0.1, 0.2], "norm": 1.0, "cosine_to_heldout": 0.8},
+                "rs_kinova3": {"domain_id": 5, "point": [0.3, -0.1], "norm": 1.0, "cosine_to_heldout": 1.0},
+            },
+        },
+    }
+
+
+def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
+    results = synthetic_results()
+    report = write_report(results, tmp_path)
+    text = report.read_text()
+    for needle in ("45% (9/20; 95% CI 10-90%)", "| rs_panda | 4 |", "## Learned soft prompts", "21:40"):
+        assert needle in text, needle
+    for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png"):
+        path = tmp_path / "plots" / plot
+        assert path.stat().st_size > 5000 and f"plots/{plot}" in text
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("mujoco")
+    pytest.importorskip("robosuite")
+    from xvla.demo import main
+
+    out = tmp_path / "demo"
+    assert (
+        main(
+            [
+                "--scale",
+                "smoke",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == RESULT_KEYS
+    cfg = SCALES["smoke"]
+    held = cfg.heldout_name
+    assert set(results["heldout_eval"]) == {"untrained", "pre_adaptation", "adapted"}
+    for summary in results["heldout_eval"].values():
+        assert set(summary) >= SUMMARY_KEYS and summary["episodes"] == cfg.eval_episodes
+    assert set(results["data"]) == {*cfg.pretrain_names, held}
+    assert set(results["pretrain"]["validation"]["per_source"]) == set(cfg.pretrain_names)
+    assert set(results["oracle"]) == {*cfg.pretrain_names, held}
+    assert results["adapt"]["domain_id"] == len(cfg.pretrain_names)  # a new domain after the trained ones
+    assert results["adapt"]["init_from"] in cfg.pretrain_names
+    assert set(results["soft_prompts"]["domains"]) == {*cfg.pretrain_names, held}
+    assert set(results["timing_s"]) == {
+        "generate",
+        "oracle",
+        "pretrain",
+        "adapt",
+        "evaluate",
+        "report",
+        "total",
+    }
+    report = (out / "report.md").read_text()
+    assert "## Closed-loop success" in report and "95% CI" in report
+    for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png"):
+        assert (out / "plots" / plot).stat().st_size > 0
+    assert list((out / "videos").rglob("*.mp4"))
