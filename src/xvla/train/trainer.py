@@ -327,7 +327,12 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
         set_seed(cfg.seed + 1, device_specific=True)  # dropout and flow draws differ per rank
 
     _, total = count_parameters(accelerator.unwrap_model(model))
-    accelerator.init_trackers(cfg.log.run_name or "train", config=_flat(to_dict(cfg)))  # main process only
+    # TensorBoard writes to <output_dir>/tensorboard/<project>; wandb logs to project `log.wandb_project`.
+    project = cfg.log.wandb_project if cfg.log.wandb else (cfg.log.run_name or "train")
+    init_kwargs = {"wandb": {"name": cfg.log.run_name}} if cfg.log.wandb and cfg.log.run_name else {}
+    accelerator.init_trackers(
+        project, config=_flat(to_dict(cfg)), init_kwargs=init_kwargs
+    )  # main process only
     domain_names = {s.domain_id: s.name for s in job.mixture.sources}
     meter = _Meter(job.mixture, accelerator.device)
     batches = _forever(loader)
