@@ -58,7 +58,8 @@ class ObservationTransform:
         self.config = config
         self.tokenizer = tokenizer
         self.train = train
-        self.action_dim = build_action_space(config.action_space).dim
+        space = build_action_space(config.action_space, config.real_action_dim, config.max_action_dim)
+        self.action_dim = space.dim  # targets are zero-padded to the width the network emits
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
