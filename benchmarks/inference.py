@@ -36,14 +36,14 @@ def variants(device: torch.device, compile_: str) -> list[tuple[str, FastOptions
             ("eager-fp32", "eager"),
             ("eager-bf16", "eager-bf16"),
             ("fast fp16+graph (default)", FastOptions()),
-            ("fast-static fp16 (no graph)", FastOptions(cuda_graph=False, compile=False)),
+            ("fast-static fp16 (no graph)", FastOptions(cuda_graph=False)),
             ("fast bf16+graph", FastOptions(dtype="bfloat16")),
             ("fast pure-bf16+graph", FastOptions(dtype="bfloat16", fp32_residual=False)),
         ]
         if with_compile:
             out.append(("fast fp16+compile+graph", FastOptions(compile=True)))
         return out
-    out = [("eager-fp32", "eager"), ("fast-static fp32 (default)", FastOptions(compile=False))]
+    out = [("eager-fp32", "eager"), ("fast-static fp32 (default)", FastOptions())]
     if with_compile:
         out.append(("fast fp32+compile", FastOptions(compile=True)))
     return out
@@ -57,14 +57,18 @@ def profile_top(fn: Any, device: torch.device, rows: int) -> list[dict[str, Any]
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         C.synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows)
-    print(table)
-    events = sorted(
-        prof.key_averages(), key=lambda e: getattr(e, key.replace("_total", ""), 0) or 0, reverse=True
-    )
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=rows))
+    top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
     return [
-        {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000} for e in events[:rows]
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_ms": getattr(e, key) / 1000,
+            "self_cpu_ms": e.self_cpu_time_total / 1000,
+        }
+        for e in top
     ]
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from .model_helpers import make_batch, small_config
 
 from xvla.model import XVLA
 from xvla.model.fast import (
@@ -19,6 +16,8 @@ from xvla.model.fast import (
     prepare_training,
     weight_bytes,
 )
+
+from .model_helpers import make_batch, small_config
 
 
 def _model(**changes: object) -> tuple[XVLA, dict[str, torch.Tensor]]:
@@ -47,8 +46,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_static_path_matches_eager(changes: dict[str, object]) -> None:
     model, batch = _model(**changes)
-    gen = FastGenerator(model, FastOptions(compile=False))
-    assert gen.net is model  # fp32 model, fp32 fast path: no copy
+    gen = FastGenerator(model, FastOptions())
+    assert gen.net is model and gen.mode == "static+float32"  # CPU defaults: fp32 (no copy), no compile/graph
     noise = torch.randn(3, model.config.num_actions, model.action_space.dim)
     for steps in (1, 4):
         eager = model.generate(batch, steps=steps, noise=noise)
@@ -59,8 +58,8 @@ def test_static_path_matches_eager(changes: dict[str, object]) -> None:
 
 def test_noise_is_drawn_like_generate() -> None:
     model, batch = _model()
-    gen = fast_generator(model, FastOptions(compile=False))
-    assert fast_generator(model, FastOptions(compile=False)) is gen  # cached per model and options
+    gen = fast_generator(model, FastOptions())
+    assert fast_generator(model, FastOptions()) is gen  # cached per model and options
     torch.manual_seed(7)
     eager = model.generate(batch)
     torch.manual_seed(7)
@@ -72,7 +71,7 @@ def test_noise_is_drawn_like_generate() -> None:
 @pytest.mark.parametrize("fp32_residual", [True, False], ids=["fp32-residual", "pure-bf16"])
 def test_bfloat16_copy_within_tolerance_and_refresh(fp32_residual: bool) -> None:
     model, batch = _model()
-    gen = FastGenerator(model, FastOptions(dtype="bfloat16", fp32_residual=fp32_residual, compile=False))
+    gen = FastGenerator(model, FastOptions(dtype="bfloat16", fp32_residual=fp32_residual))
     assert gen.net is not model and gen.net.transformer.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     norm_dtype = gen.net.transformer.norm.weight.dtype
     assert norm_dtype == (torch.float32 if fp32_residual else torch.bfloat16)
@@ -90,7 +89,7 @@ def test_bfloat16_copy_within_tolerance_and_refresh(fp32_residual: bool) -> None
 
 def test_bad_input_and_options() -> None:
     model, batch = _model()
-    gen = FastGenerator(model, FastOptions(compile=False))
+    gen = FastGenerator(model, FastOptions())
     with pytest.raises(ValueError, match="proprio"):
         gen({**batch, "proprio": batch["proprio"][:, :5]})
     with pytest.raises(ValueError, match="cuda_graph"):
@@ -145,7 +144,7 @@ def test_training_helpers_keep_values() -> None:
 def test_compiled_path_matches_eager() -> None:
     """torch.compile of the encoder and of one step (minutes on a loaded 2-core machine)."""
     model, batch = _model()
-    gen = FastGenerator(model, dataclasses.replace(FastOptions(), compile=True))
+    gen = FastGenerator(model, FastOptions(compile=True))
     noise = torch.randn(3, model.config.num_actions, model.action_space.dim)
     torch.testing.assert_close(
         gen(batch, noise=noise), model.generate(batch, noise=noise), rtol=1e-4, atol=1e-5

@@ -11,7 +11,7 @@ Inference (`FastGenerator`, same contract as `XVLA.generate`):
 - optional bf16 weights (a cast copy of the model, the eager model is left untouched);
 - on CUDA the whole chunk (encoder + all steps) is captured in one CUDA graph per (batch bucket, views, text
   length, steps) and replayed; batches are padded to power-of-two buckets so a server's dynamic batch sizes need
-  few graphs; elsewhere (or in addition) `torch.compile` of the encoder and of one step;
+  few graphs; optionally (`compile=True`, everywhere) `torch.compile` of the encoder and of one step;
 - the noise is drawn exactly as `XVLA.generate` draws it (same shape, fp32 when the eager model is fp32), so
   both paths agree on the same inputs up to the cast precision.
 
@@ -62,8 +62,8 @@ class FastOptions:
         (matmuls/convs in 16 bit under autocast, weights pre-cast so autocast casts nothing); False: everything in
         the 16-bit dtype (cheapest, about 2x the error).
     cuda_graph: capture the whole chunk in a CUDA graph (default: on CUDA).
-    compile: torch.compile the encoder and one denoising step (default: off on CUDA, where the graph already
-        removes the launch overhead and startup must stay short; on elsewhere).
+    compile: torch.compile the encoder and one denoising step (minutes of compile on the first call of a shape; the
+        CUDA graph already removes the launch overhead, so this only fuses elementwise kernels).
     compile_mode: torch.compile mode (None = default; e.g. "max-autotune-no-cudagraphs" on CUDA).
     max_graphs: captured graphs kept (least recently used dropped).
     validate: run the model's batch checks (a few host syncs before the graph, none inside).
@@ -72,7 +72,7 @@ class FastOptions:
     dtype: DtypeName = "auto"
     fp32_residual: bool = True
     cuda_graph: bool | None = None
-    compile: bool | None = None
+    compile: bool = False
     compile_mode: str | None = None
     max_graphs: int = 8
     validate: bool = True
@@ -133,7 +133,7 @@ class FastGenerator:
         self.use_graph = on_cuda if options.cuda_graph is None else options.cuda_graph
         if self.use_graph and not on_cuda:
             raise ValueError(f"FastOptions.cuda_graph=True needs the model on CUDA, it is on {self.device}")
-        self.use_compile = (not on_cuda) if options.compile is None else options.compile
+        self.use_compile = options.compile
         self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
         self.stats: dict[str, float] = {"compile_s": 0.0, "capture_s": 0.0, "captures": 0}
         self.refresh()
