@@ -127,12 +127,23 @@ def take(ds: MixtureDataset, n: int) -> list[dict[str, Any]]:
 def test_sample_contract() -> None:
     ds = dataset()
     s = ds.sample(0, 0)
-    assert set(s) == {"images", "instruction", "proprio", "domain_id", "action", "source"}
+    assert set(s) == {
+        "images",
+        "instruction",
+        "proprio",
+        "domain_id",
+        "action",
+        "source",
+        "source_idx",
+        "episode",
+        "frame",
+    }
     assert len(s["images"]) == 2 and s["images"][0].dtype == np.uint8 and s["images"][0].shape == (8, 6, 3)
     assert s["images"][1][7, 0, 2] == 2 and s["images"][1][7, 5, 2] == 0  # the wrist view is flipped
     assert s["proprio"].dtype == np.float32 and s["proprio"].shape == (20,)
     assert s["action"].dtype == np.float32 and s["action"].shape == (30, 20)
     source, ep, frame = key(s)
+    assert (ds.mixture.sources[s["source_idx"]].name, s["episode"], s["frame"]) == (source, ep, frame)
     assert s["domain_id"] == ds.mixture[source].domain_id and s["instruction"] == f"task {ep}"
     fake = FakeDataset(ds.mixture[source].path)
     expected = ds.mixture[source].state_to_canonical(fake.read_lowdim(ep, "observation.state")[frame])

@@ -245,6 +245,10 @@ class MixtureDataset(IterableDataset):
             "domain_id": source.domain_id,
             "action": targets.astype(np.float32),
             "source": source.name,
+            # Where the sample comes from, so consumers (replay, debugging) can go back to the raw frame.
+            "source_idx": source_idx,
+            "episode": ep,
+            "frame": frame,
         }
 
     # ------------------------------------------------------------ iteration and resuming

@@ -22,18 +22,6 @@ from xvla.data.sources import Mixture, Source
 from xvla.serve.policy import Policy, Prepared
 
 
-class _LocatedMixture(MixtureDataset):
-    """MixtureDataset whose samples also say which episode and frame they come from."""
-
-    def _build(self, source: Source, source_idx: int, ep: int, frame: int, episode: Any) -> dict[str, Any]:
-        return {
-            **super()._build(source, source_idx, ep, frame, episode),
-            "episode": ep,
-            "frame": frame,
-            "source_idx": source_idx,
-        }
-
-
 def _robot_observation(dataset: MixtureDataset, source: Source, sample: dict[str, Any]) -> dict[str, Any]:
     """What the robot would have sent at that frame: native state, raw (unflipped) frames, instruction."""
     reader = dataset.dataset(sample["source_idx"])
@@ -55,7 +43,7 @@ def replay(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Replay `samples` frames; returns {"sources": {name: {"samples", "l1", "input_max_abs_diff"}}, "overall"}."""
-    dataset = _LocatedMixture(mixture, split=split, seed=seed)
+    dataset = MixtureDataset(mixture, split=split, seed=seed)
     policies = {s.name: policy.with_source(s) for s in mixture.sources}
     l1: dict[str, list[float]] = defaultdict(list)
     input_diff: dict[str, float] = defaultdict(float)
