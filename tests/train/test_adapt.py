@@ -49,7 +49,7 @@ def test_grow_keeps_old_domains_and_copies_named_init(tmp_path, datasets, base_c
     for d in range(4):
         assert torch.equal(before[d], after[d]), d  # every existing domain bit-identical
     assert torch.equal(after[4], after[0])  # initialised from arc_a (domain 0)
-    assert job.notes["new_domains"]["arc_b"] == {"domain_id": 4, "init_from": "arc_a", "ranking": []}
+    assert job.adaptation["new_domains"]["arc_b"] == {"domain_id": 4, "init_from": "arc_a", "ranking": []}
 
 
 def test_prompt_mode_with_retrieval_leaves_other_domains_bit_identical(tmp_path, datasets, base_checkpoint):

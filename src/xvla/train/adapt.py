@@ -43,7 +43,7 @@ from xvla.train.trainer import (
 )
 
 ADAPTER_HEADS = "domain_heads.safetensors"  # prompts + per-domain heads of an adapter-only checkpoint
-ADAPTER_META = "adaptation.json"
+ADAPTER_META = "adapter_base.json"  # in an adapter checkpoint: its base checkpoint and domains added
 
 
 def adapt(cfg: AdaptConfig, *, resume: bool = False) -> Path:
@@ -57,9 +57,6 @@ def adapt(cfg: AdaptConfig, *, resume: bool = False) -> Path:
     accelerator = make_accelerator(cfg.train, partial_training=True)
     set_seed(cfg.train.seed)
     job = build_adapt_job(cfg, accelerator)
-    if accelerator.is_main_process:
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.train.output_dir) / ADAPTER_META).write_text(json.dumps(job.notes, indent=1) + "\n")
     return run(cfg.train, job, accelerator, resume=resume)
 
 
@@ -81,9 +78,8 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
     grown: list[Source] = []
     report: dict[str, Any] = {}
     for source in new.sources:
-        probe = dataclasses.replace(
-            source, domain_id=0
-        )  # any valid id: only the action space is checked here
+        # Any valid domain id: here only the action space is checked, and retrieval sets the ids itself.
+        probe = dataclasses.replace(source, domain_id=0)
         check_mixture(Mixture((probe,)), model)
         ranking: list[dict[str, Any]] = []
         if cfg.init == "scratch":
@@ -124,7 +120,7 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
             mixture=mixture,
             sources=sources,
             main_groups=main,
-            notes=notes,
+            adaptation=notes,
         )
 
     peft_model = wrap_lora(model, cfg.lora)
@@ -148,7 +144,7 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
         sources=sources,
         main_groups=(*PROMPT_PHASE_GROUPS, "lora"),
         export=export,
-        notes=notes,
+        adaptation=notes,
     )
 
 

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class Job:
     main_groups: tuple[str, ...] = ALL_GROUPS  # trainable afterwards
     # Writes the servable model from a full state dict of `model` into a folder (None: XVLA.save_pretrained).
     export: Callable[[dict[str, Tensor], Path], None] | None = None
-    notes: dict[str, Any] = field(default_factory=dict)  # extra facts for train_config.json (e.g. adaptation)
+    adaptation: dict[str, Any] | None = None  # what `adapt` did (written to <output_dir>/adaptation.json)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -594,8 +594,9 @@ def _claim_output_dir(cfg: TrainConfig, job: Job, accelerator: Accelerator, resu
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        data = {**to_dict(cfg), **({"notes": job.notes} if job.notes else {})}
-        _write_json(marker, data)
+        _write_json(marker, to_dict(cfg))
+        if job.adaptation is not None:
+            _write_json(out / "adaptation.json", job.adaptation)
     accelerator.wait_for_everyone()
 
 
