@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xvla.data.anchors import interpolate
+from xvla.data.anchors import resample_chunk
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.checkpoint import resolve_folder
@@ -397,16 +397,14 @@ def _chunk_length(source: Source) -> int:
 
 
 def resample_anchors(source: Source, proprio: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """Canonical anchors [30, P] spanning `source.horizon_s` (anchor k at (k+1)/30 * horizon, the proprio at
-    0) -> canonical poses [K, P] at the control rate, step j reached at (j+1)/control_hz, K = horizon * hz."""
-    n = len(anchors)
-    times = np.linspace(0.0, source.horizon_s, n + 1)
-    traj = np.concatenate([np.asarray(proprio, dtype=np.float64)[None, : anchors.shape[1]], anchors], axis=0)
-    query = np.arange(1, _chunk_length(source) + 1) / source.control_hz
-    return interpolate(
-        times,
-        traj,
-        query,
+    """Canonical anchors [30, P] spanning `source.horizon_s` (the proprio at 0) -> canonical poses [K, P] at the
+    control rate, K = horizon * hz: the training interpolation (`anchors.resample_chunk`) with the source's
+    conventions."""
+    return resample_chunk(
+        np.asarray(proprio)[: anchors.shape[1]],
+        anchors,
+        source.horizon_s,
+        source.control_hz,
         num_arms=source.num_arms,
         rot6d_layout=source.rot6d_layout,
         binary_grippers=source.binary_grippers,
