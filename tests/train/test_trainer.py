@@ -26,9 +26,10 @@ class Killed(Exception):
     """Stands in for the process being killed."""
 
 
-def test_resume_continues_bit_identically(tmp_path, datasets, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("checkpoint.ema_decay=0.9",)], ids=["plain", "ema"])
+def test_resume_continues_bit_identically(tmp_path, datasets, monkeypatch, extra):
     data = mixture(datasets)
-    full = train(make_config(tmp_path / "full", data))
+    full = train(make_config(tmp_path / "full", data, extra))
     reference = history(tmp_path / "full")
     assert full == checkpointing.checkpoint_path(tmp_path / "full", 6)
 
@@ -40,7 +41,7 @@ def test_resume_continues_bit_identically(tmp_path, datasets, monkeypatch):
             raise Killed
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
-    cut = make_config(tmp_path / "cut", data)
+    cut = make_config(tmp_path / "cut", data, extra)
     with pytest.raises(Killed):
         train(cut)
     monkeypatch.setattr(trainer, "save_checkpoint", save)
