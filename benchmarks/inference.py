@@ -104,9 +104,10 @@ def main() -> int:
     floor_ms = None
     if peak and bw:
         floor_ms = max(flops["chunk"] / (peak * 1e12), wbytes / (bw * 1e12)) * 1000
+    floor = f"{floor_ms:.2f} ms" if floor_ms else "n/a (no peak figures for this device)"
     print(
-        f"{args.preset} on {env.get('gpu', device)}: {flops['chunk'] / 1e12:.3f} TFLOP and {wbytes / 1e9:.2f} GB "
-        f"of bf16 weights per chunk at batch 1 (floor {floor_ms and f'{floor_ms:.2f} ms'})"
+        f"{args.preset} on {env.get('gpu', device)}: {flops['chunk'] / 1e9:.1f} GFLOP and {wbytes / 1e6:.1f} MB "
+        f"of 16-bit weights read per chunk at batch 1; floor {floor}"
     )
 
     bf16_model = None

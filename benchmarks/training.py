@@ -127,7 +127,7 @@ def main() -> int:
     peak = C.peak_tflops(device, args.peak_tflops)
     compile_layers = args.compile != "off"
     print(
-        f"{args.preset}: {flops['train_sample'] / 1e12:.3f} TFLOP per training sample (3x forward), peak {peak}"
+        f"{args.preset}: {flops['train_sample'] / 1e9:.1f} GFLOP per training sample (3x forward), peak {peak} TFLOP/s"
     )
 
     rows: list[dict[str, Any]] = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -66,6 +69,10 @@ def test_noise_is_drawn_like_generate() -> None:
     fast = gen(batch)
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
     assert not torch.equal(gen(batch), fast)  # fresh noise on the next call
+    ref = weakref.ref(model)
+    del model, gen
+    gc.collect()
+    assert ref() is None  # the cache does not keep models alive
 
 
 @pytest.mark.parametrize("fp32_residual", [True, False], ids=["fp32-residual", "pure-bf16"])

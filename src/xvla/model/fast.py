@@ -121,8 +121,12 @@ class FastGenerator:
     weights. Captured graphs and compiled functions are keyed by static shapes; the first call of a new shape pays
     the capture/compile (reported in `stats`)."""
 
-    def __init__(self, model: XVLA, options: FastOptions = FastOptions()) -> None:
-        self.model = model
+    def __init__(
+        self, model: XVLA, options: FastOptions = FastOptions(), *, weak_model: bool = False
+    ) -> None:
+        # weak_model: hold the model weakly (the per-model cache of `fast_generator` must not keep it alive)
+        self._model: Any = weakref.ref(model) if weak_model else (lambda: model)
+        self._copy: XVLA | None = None
         self.options = options
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
@@ -142,16 +146,17 @@ class FastGenerator:
     def refresh(self) -> None:
         """(Re)build the network copy from the model's current weights and forget graphs/compiled code."""
         model_dtype = next(self.model.parameters()).dtype
-        if model_dtype == self.dtype:
-            self.net = self.model
-        elif self.act_dtype == self.dtype:
-            self.net = copy.deepcopy(self.model).to(self.dtype)
-        else:  # mixed: pre-cast what autocast would cast (matmul/conv weights, embedding tables), keep the rest
-            self.net = copy.deepcopy(self.model)
-            for m in self.net.modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                    m.to(self.dtype)
-        self.net.eval()
+        self._copy = (
+            None  # same dtype: run the model itself (in whatever train/eval mode it is, like generate)
+        )
+        if model_dtype != self.dtype:
+            self._copy = copy.deepcopy(self.model).eval()
+            if self.act_dtype == self.dtype:
+                self._copy.to(self.dtype)
+            else:  # mixed: pre-cast what autocast would cast (matmul/conv weights, embedding tables), keep the rest
+                for m in self._copy.modules():
+                    if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                        m.to(self.dtype)
         self._graphs.clear()
         self._grids: dict[int, tuple[list[float], Tensor]] = {}
         space = self.net.action_space
@@ -165,6 +170,18 @@ class FastGenerator:
         if self.use_compile:
             self._encode_fn = torch.compile(self._encode, mode=self.options.compile_mode, dynamic=False)
             self._step_fn = torch.compile(self._step, mode=self.options.compile_mode, dynamic=False)
+
+    @property
+    def model(self) -> XVLA:
+        model = self._model()
+        if model is None:
+            raise ReferenceError("FastGenerator: its model no longer exists")
+        return model
+
+    @property
+    def net(self) -> XVLA:
+        """What runs: the model, or its 16-bit copy."""
+        return self._copy if self._copy is not None else self.model
 
     @property
     def mode(self) -> str:
@@ -377,7 +394,7 @@ def fast_generator(model: XVLA, options: FastOptions = FastOptions()) -> FastGen
     """The `FastGenerator` of `model` for `options`, built once and cached (what `XVLA.generate(fast=True)` uses)."""
     per_model = _GENERATORS.setdefault(model, {})
     if options not in per_model:
-        per_model[options] = FastGenerator(model, options)
+        per_model[options] = FastGenerator(model, options, weak_model=True)
     return per_model[options]
 
 
@@ -434,7 +451,7 @@ def count_flops(model_config: Any, batch_size: int = 1, views: int | None = None
     with torch.device("meta"):
         model = XVLA(cfg).eval()
         gen = FastGenerator.__new__(FastGenerator)  # the static encoder needs only these attributes
-        gen.net, gen.act_dtype = model, torch.float32
+        gen._model, gen._copy, gen.act_dtype = (lambda: model), None, torch.float32
         b = batch_size
         pixels = torch.zeros(b * v, 3, cfg.image_size, cfg.image_size)
         ids = torch.zeros(b, cfg.max_text_len, dtype=torch.long)
