@@ -146,9 +146,8 @@ class FastGenerator:
     def refresh(self) -> None:
         """(Re)build the network copy from the model's current weights and forget graphs/compiled code."""
         model_dtype = next(self.model.parameters()).dtype
-        self._copy = (
-            None  # same dtype: run the model itself (in whatever train/eval mode it is, like generate)
-        )
+        # Same dtype: run the model itself, in whatever train/eval mode it is (as `generate` does).
+        self._copy = None
         if model_dtype != self.dtype:
             self._copy = copy.deepcopy(self.model).eval()
             if self.act_dtype == self.dtype:
@@ -167,6 +166,7 @@ class FastGenerator:
         )
         self._encode_fn = self._encode
         self._step_fn = self._step
+        self._compiled_once = False
         if self.use_compile:
             self._encode_fn = torch.compile(self._encode, mode=self.options.compile_mode, dynamic=False)
             self._step_fn = torch.compile(self._step, mode=self.options.compile_mode, dynamic=False)
@@ -337,7 +337,7 @@ class FastGenerator:
         """Run the un-captured path; a failing compile falls back to the static eager code."""
         try:
             start = time.perf_counter()
-            first = self.use_compile and not getattr(self, "_compiled_once", False)
+            first = self.use_compile and not self._compiled_once
             out = self._chunk(**inputs, steps=steps)  # type: ignore[arg-type]
             if first:
                 self._compiled_once = True
