@@ -425,7 +425,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
 # ------------------------------------------------------------------------------------------------ validation
 @torch.no_grad()
 def validate(model: nn.Module, job: Job, cfg: TrainConfig, accelerator: Accelerator) -> dict[str, Any]:
-    """Flow loss and L1 of sampled chunks on held-out episodes, per source and overall.
+    """Flow loss and L1 of sampled chunks (over the source's arms) on held-out episodes, per source and overall.
 
     Draws t and noise from a generator seeded by `cfg.seed`, so validation never moves the training RNG and
     every validation sees the same samples and draws.
@@ -457,8 +457,10 @@ def validate(model: nn.Module, job: Job, cfg: TrainConfig, accelerator: Accelera
                         steps=cfg.val.sample_steps,
                         noise=torch.randn(shape, generator=gen).to(accelerator.device),
                     )
-            target = batch["action"][..., : chunk.shape[-1]]
-            l1 = (chunk.float() - target.float()).abs().flatten(1).mean(1)
+            # The canonical vector holds two arms; a single-arm source fills the left half, the rest is padding.
+            width = chunk.shape[-1] * source.num_arms // 2
+            error = chunk[..., :width].float() - batch["action"][..., :width].float()
+            l1 = error.abs().flatten(1).mean(1)
             sums[i, 0] += output.per_sample.double().sum()
             sums[i, 1] += l1.double().sum()
             sums[i, 2] += b
