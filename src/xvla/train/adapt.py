@@ -52,6 +52,8 @@ def adapt(cfg: AdaptConfig, *, resume: bool = False) -> Path:
     cfg.train.validate()
     if cfg.train.model.checkpoint is None:
         raise ConfigError("train.model.checkpoint: required (the trained checkpoint to adapt)")
+    if cfg.retrieval_batches < 1:
+        raise ConfigError(f"retrieval_batches: expected >= 1, got {cfg.retrieval_batches}")
     if cfg.mode == "lora" and cfg.train.fsdp:
         raise ConfigError("mode: LoRA adaptation does not support fsdp (the adapters are small: use DDP)")
     accelerator = make_accelerator(cfg.train, partial_training=True)
