@@ -218,16 +218,18 @@ def replay_actions(env: SimSource, task: str, seed: int, actions: np.ndarray) ->
 
 
 class OraclePolicy:
-    """Serves one recorded episode's own anchors through the serving post-processing (module doc)."""
+    """Serves one recorded episode's own anchors through the serving post-processing (module doc).
 
-    def __init__(self, source: Any, episode: Any, fps: float) -> None:
+    `clock()` gives the current episode time in seconds: the anchors are those of the recording at that time.
+    """
+
+    def __init__(self, source: Any, episode: Any, clock: Callable[[], float]) -> None:
         self.source = source
         self.episode = episode
-        self.fps = fps
-        self.queries = 0
+        self.clock = clock
 
     def reset(self) -> None:
-        self.queries = 0
+        pass
 
     def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         from xvla.data.anchors import intention_targets
@@ -235,32 +237,17 @@ class OraclePolicy:
 
         s, ep = self.source, self.episode
         state = np.asarray(obs["state"], dtype=np.float64)
-        t = obs["time"]
         anchors = intention_targets(
             ep.target_times,
             ep.targets,
-            t,
+            self.clock(),
             s.horizon_s,
             num_arms=s.num_arms,
             rot6d_layout=s.rot6d_layout,
             binary_grippers=s.binary_grippers,
         )
-        proprio = s.state_to_canonical(state)
-        canonical = resample_anchors(s, proprio, anchors)
+        canonical = resample_anchors(s, s.state_to_canonical(state), anchors)
         return {"actions": s.canonical_to_native(canonical, state).astype(np.float32), "anchors": anchors}
-
-
-class _Timed:
-    """Adds the episode time (steps / fps) to each request: the oracle indexes the recording by time."""
-
-    def __init__(self, policy: OraclePolicy, env: SimSource) -> None:
-        self.policy, self.env = policy, env
-
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def infer(self, obs: Mapping[str, Any]) -> Mapping[str, Any]:
-        return self.policy.infer({**obs, "time": self.env.steps / self.env.spec.fps})
 
 
 def oracle_check(
@@ -289,10 +276,8 @@ def oracle_check(
     bar = _bar(n, f"oracle {source}", progress)
     try:
         for ep in range(n):
-            oracle = OraclePolicy(described, data.episode(0, ep), env.spec.fps)
-            outcome = run_episode(
-                env, _Timed(oracle, env), recorded[ep]["task"], recorded[ep]["seed"], execute=execute
-            )
+            oracle = OraclePolicy(described, data.episode(0, ep), lambda: env.steps / env.spec.fps)
+            outcome = run_episode(env, oracle, recorded[ep]["task"], recorded[ep]["seed"], execute=execute)
             outcomes.append({**outcome, "task": recorded[ep]["task"], "seed": recorded[ep]["seed"]})
             bar.update(1)
             bar.set_postfix(success=f"{sum(o['success'] for o in outcomes)}/{len(outcomes)}")
