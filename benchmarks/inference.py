@@ -43,7 +43,11 @@ def variants(device: torch.device, compile_: str) -> list[tuple[str, FastOptions
         if with_compile:
             out.append(("fast fp16+compile+graph", FastOptions(compile=True)))
         return out
-    out = [("eager-fp32", "eager"), ("fast-static fp32 (default)", FastOptions())]
+    out = [
+        ("eager-fp32", "eager"),
+        ("fast-static fp32 (default)", FastOptions()),
+        ("fast-static bf16", FastOptions(dtype="bfloat16")),  # fast on CPUs with AMX/AVX512-BF16
+    ]
     if with_compile:
         out.append(("fast fp32+compile", FastOptions(compile=True)))
     return out
