@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import time
 from typing import Any
 
@@ -48,18 +47,8 @@ def check(ref: XVLA, fast: XVLA, device: torch.device, mixed: bool, views: int) 
     return max(C.relative_error(b.pred, a.pred), C.relative_error(b.loss, a.loss))
 
 
-def time_steps(
-    model: XVLA,
-    device: torch.device,
-    b: int,
-    views: int,
-    *,
-    mixed: bool,
-    fused: bool,
-    iters: int,
-    warmup: int,
-) -> dict[str, Any]:
-    """Seconds per optimiser step at batch `b` and the peak memory, or {"oom": True}."""
+def make_step(model: XVLA, device: torch.device, b: int, views: int, *, mixed: bool, fused: bool) -> Any:
+    """One optimiser step on a fixed random batch of `b` samples: forward, backward, clip 1.0, AdamW."""
     batch = C.random_batch(model.config, b, views, device, seed=b, actions=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (
@@ -76,15 +65,28 @@ def time_steps(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def first_step(step: Any, device: torch.device) -> float:
+    """Seconds of the first step (compiles if on, allocates the optimiser state): reported, never timed."""
+    t0 = time.perf_counter()
+    step()
+    C.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def time_steps(
+    model: XVLA, device: torch.device, b: int, views: int, args: argparse.Namespace, **kw: Any
+) -> dict[str, Any]:
+    """Milliseconds per step at batch `b` and the peak memory, or {"oom": True}."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        t0 = time.perf_counter()
-        step()  # first step: compiles (if on), allocates optimiser state
-        C.synchronize(device)
-        first_s = time.perf_counter() - t0
-        times = C.time_calls(step, device, iters=iters, warmup=warmup)
+        step = make_step(model, device, b, views, **kw)
+        first_s = first_step(step, device)
+        times = C.time_calls(step, device, iters=args.iters, warmup=args.warmup)
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
@@ -109,6 +111,12 @@ def main() -> int:
     p.add_argument("--variants", default="eager,fast,fast+ckpt")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time all variants at the first batch size, taking turns step by step (default: on CPU)",
+    )
+    p.add_argument(
         "--peak-tflops", type=float, default=None, help="for MFU (default: known GPUs' dense bf16)"
     )
     p.add_argument("--out", default=None)
@@ -117,6 +125,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = C.pick_device(args.device)
     on_cuda = device.type == "cuda"
+    if args.interleave is None:
+        args.interleave = not on_cuda
     env = C.environment(device)
     ref = C.build_model(args.preset, device).train()
     cfg = ref.config
@@ -130,7 +140,8 @@ def main() -> int:
         f"{args.preset}: {flops['train_sample'] / 1e9:.1f} GFLOP per training sample (3x forward), peak {peak} TFLOP/s"
     )
 
-    rows: list[dict[str, Any]] = []
+    # 1) build and check every variant, 2) then time them.
+    built: list[tuple[str, XVLA, bool, bool, str, float]] = []
     failed = False
     for name in args.variants.split(","):
         if name == "eager":
@@ -150,37 +161,54 @@ def main() -> int:
             raise SystemExit(f"--variants: unknown variant {name!r} (eager, fast, fast+ckpt)")
         t0 = time.perf_counter()
         err = 0.0 if model is ref else check(ref, model, device, mixed, views)
-        check_s = time.perf_counter() - t0
+        failed |= err >= TOLERANCE
+        print(
+            f"checked {name}: rel err {err:.2e} ({mode}; {time.perf_counter() - t0:.1f} s incl. eval compile)"
+        )
+        built.append((name, model, mixed, fused, mode, err))
+
+    rows: list[dict[str, Any]] = []
+    for name, _, _, _, mode, err in built:
         ok = err < TOLERANCE
-        failed |= not ok
-        print(f"checked {name}: rel err {err:.2e} ({mode}; {check_s:.1f} s incl. compile of the eval graphs)")
-        for b in sizes if ok else sizes[:1]:
-            row: dict[str, Any] = {"variant": name, "mode": mode, "batch": b, "rel_err": err}
-            row["check"] = "ok" if ok else f"FAILED (> {TOLERANCE})"
-            if ok:
-                row.update(
-                    time_steps(
-                        model,
-                        device,
-                        b,
-                        views,
-                        mixed=mixed,
-                        fused=fused,
-                        iters=args.iters,
-                        warmup=args.warmup,
-                    )
-                )
-            rows.append(row)
-            if row.get("oom"):
-                break
-            if ok:
-                row["samples_per_s"] = b * 1000 / row["p50_ms"]
-                row["tflops"] = flops["train_sample"] * row["samples_per_s"] / 1e12
-                row["mfu"] = row["tflops"] / peak if peak else None
-            print(f"  {name} batch {b}: {row.get('p50_ms', 0):.1f} ms/step")
-        if model is not ref:
-            del model
-        gc.collect()
+        rows.append(
+            {
+                "variant": name,
+                "mode": mode,
+                "batch": sizes[0],
+                "rel_err": err,
+                "check": "ok" if ok else f"FAILED (> {TOLERANCE})",
+            }
+        )
+    if args.interleave:  # one batch size, all variants taking turns step by step (shared CPU)
+        steps = {}
+        for row, (name, model, mixed, fused, _, _) in zip(rows, built, strict=True):
+            if row["check"] == "ok":
+                steps[name] = make_step(model, device, sizes[0], views, mixed=mixed, fused=fused)
+                row["first_step_s"] = first_step(steps[name], device)
+        times = C.time_interleaved(steps, device, iters=args.iters, warmup=args.warmup)
+        for row in rows:
+            if row["variant"] in times:
+                row.update(C.summary(times[row["variant"]]))
+    else:  # each variant alone, batch sizes in increasing order until one runs out of memory
+        first_rows, rows = rows, []
+        for row, (name, model, mixed, fused, _, _) in zip(first_rows, built, strict=True):
+            for b in sizes if row["check"] == "ok" else sizes[:1]:
+                r = {**row, "batch": b}
+                if row["check"] == "ok":
+                    r.update(time_steps(model, device, b, views, args, mixed=mixed, fused=fused))
+                rows.append(r)
+                print(f"  {name} batch {b}: {r.get('p50_ms', 'OOM' if r.get('oom') else '-')} ms/step")
+                if r.get("oom"):
+                    break
+    for row in rows:
+        if "p50_ms" in row:
+            row["samples_per_s"] = row["batch"] * 1000 / row["p50_ms"]
+            row["tflops"] = flops["train_sample"] * row["samples_per_s"] / 1e12
+            row["mfu"] = row["tflops"] / peak if peak else None
+    eager = {r["batch"]: r["samples_per_s"] for r in rows if r["variant"] == "eager" and "p50_ms" in r}
+    for row in rows:
+        if row["batch"] in eager and "p50_ms" in row:
+            row["speedup"] = row["samples_per_s"] / eager[row["batch"]]
 
     C.print_table(
         rows,
@@ -188,6 +216,7 @@ def main() -> int:
             "variant",
             "batch",
             "p50_ms",
+            "speedup",
             "samples_per_s",
             "tflops",
             "mfu",
