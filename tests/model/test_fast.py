@@ -10,9 +10,11 @@ import torch
 
 from xvla.model import XVLA
 from xvla.model.fast import (
+    INPUT_KEYS,
     FastGenerator,
     FastOptions,
     _bucket,
+    _pad_rows,
     count_flops,
     fast_generator,
     fused_adamw,
@@ -157,3 +159,17 @@ def test_compiled_path_matches_eager() -> None:
         gen(batch, noise=noise), model.generate(batch, noise=noise), rtol=1e-4, atol=1e-5
     )
     assert gen.mode.endswith("compile") and gen.stats["compile_s"] > 0
+
+
+def test_padded_rows_leave_real_rows_unchanged() -> None:
+    """The CUDA-graph path pads batches to power-of-two buckets: padding must not change the real samples."""
+    model, batch = _model()
+    gen = FastGenerator(model)
+    noise = torch.randn(3, model.config.num_actions, model.action_space.dim)
+    inputs = {k: (noise if k == "noise" else batch.get(k)) for k in INPUT_KEYS}
+    padded = _pad_rows(inputs, _bucket(3) - 3)
+    assert padded["proprio"].shape[0] == 4 and _pad_rows(inputs, 0) is inputs
+    with torch.no_grad():
+        ref = gen._chunk(**inputs, steps=3)
+        out = gen._chunk(**padded, steps=3)
+    torch.testing.assert_close(out[:3], ref, rtol=1e-5, atol=1e-6)

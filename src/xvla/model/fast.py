@@ -91,6 +91,15 @@ def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _pad_rows(inputs: dict[str, Tensor | None], pad: int) -> dict[str, Tensor | None]:
+    """Append `pad` copies of the first sample to every input (samples are independent; extra rows are dropped)."""
+    if not pad:
+        return inputs
+    return {
+        k: None if v is None else torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for k, v in inputs.items()
+    }
+
+
 class _Graph:
     """One captured chunk: static input buffers, the graph, the static output."""
 
@@ -358,11 +367,7 @@ class FastGenerator:
         b = inputs["proprio"].shape[0]  # type: ignore[union-attr]
         pad = _bucket(b) - b
         self._time_grid(steps)
-        if pad:  # pad with copies of the first sample: rows are independent, padded rows are dropped
-            inputs = {
-                k: None if v is None else torch.cat([v, v[:1].expand(pad, *v.shape[1:])])
-                for k, v in inputs.items()
-            }
+        inputs = _pad_rows(inputs, pad)
         key = (steps,) + tuple(None if v is None else (tuple(v.shape), v.dtype) for v in inputs.values())
         graph = self._graphs.get(key)
         if graph is None:
