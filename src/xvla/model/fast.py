@@ -112,7 +112,8 @@ class _Graph:
                 fn(**self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a server's other threads may touch CUDA while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output: Tensor = fn(**self.inputs)
 
     def __call__(self, inputs: dict[str, Tensor | None]) -> Tensor:
@@ -372,8 +373,8 @@ class FastGenerator:
         graph = self._graphs.get(key)
         if graph is None:
             try:
-                start = time.perf_counter()
                 self._timed_first(inputs, steps)  # compiles (if on) outside the capture
+                start = time.perf_counter()
                 graph = _Graph(lambda **kw: self._chunk(**kw, steps=steps), inputs)
                 torch.cuda.synchronize(self.device)
                 self.stats["capture_s"] += time.perf_counter() - start
