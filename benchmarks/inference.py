@@ -134,7 +134,8 @@ def main() -> int:
                 out, mode = ref, "eager fp32"
             elif opt == "eager-bf16":
                 bf16_model = bf16_model or copy.deepcopy(model).to(torch.bfloat16)
-                fn = partial(bf16_model.generate, batch, steps=args.steps, noise=noise.bfloat16())
+                batch16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
+                fn = partial(bf16_model.generate, batch16, steps=args.steps, noise=noise.bfloat16())
                 out, mode = fn(), "eager bf16 (reference, not checked)"
             else:
                 gen = gens[name] = gens.get(name) or FastGenerator(model, opt)
@@ -158,6 +159,9 @@ def main() -> int:
             row.update(C.summary(times[str(i)]))
             row["chunks_per_s"] = b * 1000 / row["p50_ms"]
             row["achieved_tflops"] = flops["chunk"] * b / (row["p50_ms"] / 1000) / 1e12
+            if peak and bw:  # the floor of this batch: compute or weight bytes, whichever is larger
+                floor_b = max(flops["chunk"] * b / (peak * 1e12), wbytes / (bw * 1e12)) * 1000
+                row["x_floor"] = row["p50_ms"] / floor_b
             if args.profile:
                 row["profile"] = profile_top(fn, device, args.profile)
         rows.extend(row for _, row in calls)
@@ -177,6 +181,7 @@ def main() -> int:
             "speedup",
             "chunks_per_s",
             "achieved_tflops",
+            "x_floor",
             "setup_s",
             "rel_err",
             "check",
