@@ -1,4 +1,5 @@
-"""Fast paths for XVLA: a static-shape sampler (bf16, CUDA graphs or torch.compile) and training helpers.
+"""Fast paths for XVLA: a static-shape sampler (16-bit weights, CUDA graph, optional torch.compile) and training
+helpers. Measurements and design notes: docs/performance.md.
 
 Inference (`FastGenerator`, same contract as `XVLA.generate`):
 
@@ -8,7 +9,8 @@ Inference (`FastGenerator`, same contract as `XVLA.generate`):
   per-domain action-encoder weights split into their x_t / proprio / time parts, the time-embedding term of every
   step of the fixed t-grid, gripper keep vectors; a step is then `x_t @ W_x + base[k]` -> blocks -> decoder;
 - no host syncs between input copy and output (Python floats for the grid, no `.item()`, no tensor branches);
-- optional bf16 weights (a cast copy of the model, the eager model is left untouched);
+- 16-bit weights (fp16 by default on CUDA) in a cast copy of the model (the eager model is left untouched), with
+  the residual stream, norms and softmax kept in fp32 under autocast;
 - on CUDA the whole chunk (encoder + all steps) is captured in one CUDA graph per (batch bucket, views, text
   length, steps) and replayed; batches are padded to power-of-two buckets so a server's dynamic batch sizes need
   few graphs; optionally (`compile=True`, everywhere) `torch.compile` of the encoder and of one step;
