@@ -277,7 +277,12 @@ def _write_dataset(root: Path, name: str, kept: list[Attempt], staging: Path, im
 
     spec = entry(name).spec
     writer = LeRobotV3Writer(
-        root, int(spec.fps), _features(name, image_size), robot_type=spec.robot, overwrite=True
+        root,
+        int(spec.fps),
+        _features(name, image_size),
+        robot_type=spec.robot,
+        video_codec=_video_codec(),
+        overwrite=True,
     )
     try:
         for a in kept:
@@ -293,6 +298,18 @@ def _write_dataset(root: Path, name: str, kept: list[Attempt], staging: Path, im
     except BaseException:
         writer.abort()
         raise
+
+
+def _video_codec() -> str | None:
+    """H.264 when this PyAV build has it: SVT-AV1 (the writer's default) was seen to deadlock inside
+    `svt_av1_enc_send_picture` on a loaded 2-core machine, and H.264 also decodes faster for training."""
+    from xvla.data.lerobot_writer import available_video_encoder
+
+    try:
+        available_video_encoder("libx264")
+    except ValueError:
+        return None
+    return "libx264"
 
 
 class _NoBar:

