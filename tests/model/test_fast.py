@@ -61,6 +61,17 @@ def test_static_path_matches_eager(changes: dict[str, object]) -> None:
         torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fewer_views_than_configured(views: int, masked: bool) -> None:
+    model, _ = _model(mask_missing_views=masked, mask_text_padding=masked)
+    batch = make_batch(model.config, b=2, views=views)
+    batch.pop("action")
+    noise = torch.randn(2, model.config.num_actions, model.action_space.dim)
+    fast = FastGenerator(model)(batch, steps=2, noise=noise)
+    torch.testing.assert_close(fast, model.generate(batch, steps=2, noise=noise), rtol=1e-4, atol=1e-5)
+
+
 def test_noise_is_drawn_like_generate() -> None:
     model, batch = _model()
     gen = fast_generator(model, FastOptions())

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xvla.model.florence import EncodedObservation
@@ -210,11 +211,15 @@ class FastGenerator:
     def _encode(
         self, pixel_values: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None
     ) -> EncodedObservation:
-        """`FlorenceEncoder.forward` with static shapes: all views through DaViT, missing ones zeroed."""
+        """`FlorenceEncoder.forward` with static shapes: all given views through DaViT, then missing views and views
+        beyond those given (up to config.num_views) zeroed, their tokens kept (released behaviour)."""
         vlm, cfg = self.net.vlm, self.net.config
         b, v = pixel_values.shape[:2]
-        feats = vlm.encode_images(pixel_values.flatten(0, 1).to(self.act_dtype))
-        feats = (feats * image_mask.reshape(-1, 1, 1).to(feats.dtype)).view(b, v, cfg.tokens_per_view, -1)
+        feats = vlm.encode_images(pixel_values.flatten(0, 1).to(self.act_dtype)).view(
+            b, v, cfg.tokens_per_view, -1
+        )
+        image_mask = F.pad(image_mask.bool(), (0, cfg.num_views - v), value=False)  # [B, num_views]
+        feats = F.pad(feats, (0, 0, 0, 0, 0, cfg.num_views - v)) * image_mask[..., None, None].to(feats.dtype)
         text = vlm.text_encoder.embed_tokens(input_ids).to(feats.dtype)
         vlm_mask = aux_mask = None
         if cfg.mask_text_padding or cfg.mask_missing_views:
