@@ -112,6 +112,8 @@ def test_bad_input_and_options() -> None:
     gen = FastGenerator(model, FastOptions())
     with pytest.raises(ValueError, match="proprio"):
         gen({**batch, "proprio": batch["proprio"][:, :5]})
+    with pytest.raises(ValueError, match="noise"):
+        gen(batch, noise=torch.randn(3, 5, 20))
     with pytest.raises(ValueError, match="cuda_graph"):
         FastGenerator(model, FastOptions(cuda_graph=True))
     with pytest.raises(ValueError, match="FastOptions.dtype"):

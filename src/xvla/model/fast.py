@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from xvla.model.florence import EncodedObservation
 from xvla.model.transformer import timestep_embedding
-from xvla.model.xvla import XVLA
+from xvla.model.xvla import XVLA, _check_draw
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +337,10 @@ class FastGenerator:
         steps = steps or self.model.config.num_steps
         b = batch["proprio"].shape[0]
         out_dtype = next(self.model.parameters()).dtype
+        shape = (b, self.model.config.num_actions, self.model.action_space.dim)
         if noise is None:  # the draw XVLA.generate makes (encoding consumes no random numbers in eval)
-            shape = (b, self.model.config.num_actions, self.model.action_space.dim)
             noise = torch.randn(shape, device=self.device, dtype=out_dtype)
+        _check_draw("noise", noise, shape)
         inputs = {k: (noise if k == "noise" else batch.get(k)) for k in INPUT_KEYS}
         inputs = {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         raw = self._graph_chunk(inputs, steps) if self.use_graph else None
