@@ -437,6 +437,11 @@ def prepare_training(
             model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: type(m).__name__ in LAYER_CLASSES
         )
     if compile_layers:
+        # One entry per (layer shape, batch size, train/eval) per code object: more than dynamo's default of 8
+        # (DaViT alone has 4 stage shapes), past which it would silently fall back to eager.
+        dyn = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        setattr(dyn, limit, max(getattr(dyn, limit), 64))
         for layer in layers:
             layer.compile(mode=compile_mode, dynamic=False)
     return model
