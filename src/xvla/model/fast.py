@@ -89,6 +89,14 @@ class FastOptions:
             raise ValueError(f"FastOptions.max_graphs must be >= 1, got {self.max_graphs}")
 
 
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Static-shape compilation keeps one entry per (shape, batch size, train/eval) per code object: more than
+    dynamo's default of 8 (DaViT alone has 4 stage shapes), past which it silently falls back to eager."""
+    dyn = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, name, max(getattr(dyn, name), limit))
+
+
 def _bucket(n: int) -> int:
     """Next power of two >= n."""
     return 1 << (n - 1).bit_length()
@@ -181,6 +189,7 @@ class FastGenerator:
         self._step_fn = self._step
         self._compiled_once = False
         if self.use_compile:
+            _raise_recompile_limit()
             self._encode_fn = torch.compile(self._encode, mode=self.options.compile_mode, dynamic=False)
             self._step_fn = torch.compile(self._step, mode=self.options.compile_mode, dynamic=False)
 
@@ -437,11 +446,7 @@ def prepare_training(
             model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: type(m).__name__ in LAYER_CLASSES
         )
     if compile_layers:
-        # One entry per (layer shape, batch size, train/eval) per code object: more than dynamo's default of 8
-        # (DaViT alone has 4 stage shapes), past which it would silently fall back to eager.
-        dyn = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-        setattr(dyn, limit, max(getattr(dyn, limit), 64))
+        _raise_recompile_limit()
         for layer in layers:
             layer.compile(mode=compile_mode, dynamic=False)
     return model
