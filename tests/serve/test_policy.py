@@ -191,22 +191,20 @@ def test_from_checkpoint_names_unknown_source(checkpoint) -> None:  # noqa: ANN0
         Policy.from_checkpoint(checkpoint, source="nope", device="cpu")
 
 
-def test_fast_flag_reaches_a_model_that_has_one(policy: Policy) -> None:
-    class FastXVLA(type(policy.model)):  # type: ignore[misc]
-        def generate(self, batch, *, steps=None, noise=None, fast=None):  # noqa: ANN001, ANN202
-            self.seen_fast = fast
-            return super().generate(batch, steps=steps, noise=noise)
-
-    model = FastXVLA(policy.model.config)
-    model.load_state_dict(policy.model.state_dict())
+def test_fast_path_through_policy_matches_eager(policy: Policy) -> None:
+    """The real fast path (static shapes, precomputed step terms; CUDA graph on GPU) runs under Policy on CPU and
+    gives the eager actions; it is off by default on CPU and on by default on CUDA."""
+    assert policy._generate_kwargs == {"fast": False}
     fast = Policy(
-        model, policy.tokenizer, source=policy.source, config=dataclasses.replace(policy.config, fast=True)
+        policy.model,
+        policy.tokenizer,
+        source=policy.source,
+        config=dataclasses.replace(policy.config, fast=True),
     )
+    assert fast._generate_kwargs == {"fast": True}
     obs = robot_obs(np.random.default_rng(9))
-    np.testing.assert_allclose(fast.infer(obs)["actions"], policy.infer(obs)["actions"], atol=1e-5)
-    assert model.seen_fast is True
-    eager = Policy(policy.model, policy.tokenizer, config=dataclasses.replace(policy.config, fast=True))
-    assert eager.infer(raw_obs(np.random.default_rng(9)))["actions"].shape == (30, 20)  # no fast path: eager
+    # fp32 on CPU: only summation order differs (random weights give native actions of ~100s).
+    np.testing.assert_allclose(fast.infer(obs)["actions"], policy.infer(obs)["actions"], rtol=1e-5, atol=1e-3)
 
 
 def test_source_from_a_file(checkpoint, tmp_path) -> None:  # noqa: ANN001

@@ -188,9 +188,21 @@ class XVLA(nn.Module):
     # -------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
-        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
+        self,
+        batch: dict[str, Tensor],
+        *,
+        steps: int | None = None,
+        noise: Tensor | None = None,
+        fast: bool = False,
     ) -> Tensor:
-        """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed)."""
+        """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed).
+
+        fast: run `xvla.model.fast.FastGenerator` (static shapes, CUDA graph and 16-bit weights on GPU) instead of
+        the eager reference path; same contract and noise injection."""
+        if fast:
+            from xvla.model.fast import fast_generator  # fast imports this module
+
+            return fast_generator(self)(batch, steps=steps, noise=noise)
         self._check_batch(batch, training=False)
         encoded = self._encode_batch(batch)
         return self.sample(encoded, batch["proprio"], batch["domain_id"], steps=steps, noise=noise)
