@@ -90,15 +90,21 @@ class _LiftStackExpert:
         self.src = source
         self.dt = 1.0 / source.spec.fps
         pos, mat = source.eef_pose()
-        cube_mat = source.body_mat(source.grasp_body)
-        # Cubes have 90-degree symmetry: turn by at most 45 degrees about the world z axis.
-        turn = _wrap(_yaw(cube_mat) - _yaw(mat), np.pi / 2)
-        self.goal_rot = Rotation.from_rotvec([0.0, 0.0, turn]) * Rotation.from_matrix(mat)
         self.cmd_pos = pos.copy()
         self.cmd_rot = Rotation.from_matrix(mat)
         self.phase = "approach"
         self.phase_time = 0.0
         self.grasp_offset = np.zeros(3)
+        self.grasp_z = 0.0
+        self.release_pos = pos.copy()
+        self._align()
+
+    def _align(self) -> None:
+        """Target orientation: the commanded one turned about world z onto the cube's faces (the cube has
+        90-degree symmetry, so the turn is at most 45 degrees)."""
+        cube_mat = self.src.body_mat(self.src.grasp_body)
+        turn = _wrap(_yaw(cube_mat) - _yaw(self.cmd_rot.as_matrix()), np.pi / 2)
+        self.goal_rot = Rotation.from_rotvec([0.0, 0.0, turn]) * self.cmd_rot
 
     def _next(self, phase: str) -> None:
         self.phase, self.phase_time = phase, 0.0
@@ -119,13 +125,18 @@ class _LiftStackExpert:
         if self.phase == "grasp":
             goal, gripper = self.cmd_pos, 1.0
             if self.phase_time > 0.6:
-                self.grasp_offset = eef - obj
+                self.grasp_offset, self.grasp_z = eef - obj, obj[2]
                 self._next("lift")
         if self.phase == "lift":
             gripper = 1.0
             goal = obj + self.grasp_offset + [0.0, 0.0, 0.12]
             goal[:2] = self.cmd_pos[:2]
-            if src.task == "Stack" and self.phase_time > 0.8:
+            if self.phase_time > 0.8 and obj[2] < self.grasp_z + 0.03:
+                # The cube slipped (e.g. a finger landed on the other cube): open and try again.
+                self._align()
+                self._next("approach")
+                goal, gripper = self.cmd_pos + [0.0, 0.0, 0.02], -1.0
+            elif src.task == "Stack" and self.phase_time > 0.8:
                 self._next("carry")
         if self.phase in ("carry", "lower"):
             gripper = 1.0
@@ -139,9 +150,10 @@ class _LiftStackExpert:
             elif self.phase == "lower" and (
                 obj[2] - base[2] < src.stack_gap + 0.012 or self.phase_time > 1.5
             ):
+                self.release_pos = self.cmd_pos.copy()
                 self._next("release")
         if self.phase in ("release", "retreat"):
-            goal = self.cmd_pos + ([0.0, 0.0, 0.0] if self.phase == "release" else [0.0, 0.0, 0.05])
+            goal = self.release_pos + ([0.0, 0.0, 0.0] if self.phase == "release" else [0.0, 0.0, 0.08])
             if self.phase == "release" and self.phase_time > 0.5:
                 self._next("retreat")
         step = goal - self.cmd_pos
