@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("mujoco")
+
 from xvla.cli import main
 from xvla.sim.suite import SUITE
 

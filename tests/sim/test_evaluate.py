@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+pytest.importorskip("mujoco")
+
 from xvla.data.episodes import open_dataset
 from xvla.data.sources import Mixture
 from xvla.sim.evaluate import evaluate, oracle_check, replay_actions, wilson_interval

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("mujoco")
+
 from xvla.data.episodes import open_dataset
 from xvla.data.sources import Mixture
 from xvla.sim import generate

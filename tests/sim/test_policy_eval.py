@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("mujoco")
+
 torch = pytest.importorskip("torch")
 
 
