@@ -38,11 +38,13 @@ BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 # Encoders in order of preference: (PyAV encoder, codec name LeRobot records, options). A GOP of 2 (LeRobot's
 # default) keeps random access cheap: any frame is at most one frame after a keyframe. No B-frames, so
-# that episodes concatenate with monotonic timestamps.
+# that episodes concatenate with monotonic timestamps. H.264 comes first although LeRobot defaults to AV1:
+# SVT-AV1 (PyAV 18 wheel) was seen to deadlock inside svt_av1_enc_send_picture on a loaded 2-core machine;
+# AV1 stays one `video_codec="libsvtav1"` away, and the readers decode both.
 VIDEO_ENCODERS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("libx264", "h264", {"crf": "23", "g": "2", "bf": "0", "preset": "veryfast"}),
     ("libsvtav1", "av1", {"crf": "30", "g": "2", "preset": "12"}),
     ("libaom-av1", "av1", {"crf": "30", "g": "2", "cpu-used": "8", "row-mt": "1"}),
-    ("libx264", "h264", {"crf": "23", "g": "2", "bf": "0", "preset": "veryfast"}),
     ("libopenh264", "h264", {"g": "2", "b": "2M"}),
     ("mpeg4", "mpeg4", {"g": "2", "qscale": "3"}),
 )
@@ -53,7 +55,7 @@ os.environ.setdefault("SVT_LOG", "1")
 def available_video_encoder(preferred: str | None = None) -> tuple[str, str, dict[str, str]]:
     """The best video encoder this PyAV build has: `(encoder, codec name, options)`.
 
-    `preferred` (an encoder name such as "libx264") must then be available; None picks AV1 when possible.
+    `preferred` (an encoder name such as "libsvtav1") must then be available; None picks H.264 when possible.
     """
     import av
 
