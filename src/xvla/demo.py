@@ -93,12 +93,12 @@ class DemoConfig:
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
     budget_s: dict[str, float] = field(
         default_factory=lambda: {
-            "generate": 240.0,
-            "oracle": 45.0,
-            "pretrain": 540.0,
-            "adapt": 210.0,
-            "evaluate": 240.0,
-            "report": 15.0,
+            "generate": 300.0,
+            "oracle": 30.0,
+            "pretrain": 360.0,
+            "adapt": 120.0,
+            "evaluate": 210.0,
+            "report": 10.0,
         }
     )
 
@@ -627,7 +627,7 @@ def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict
 
 def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], base: Path) -> dict[str, Any]:
     """Grow the pre-trained model by one domain for the held-out robot and fit it in two stages."""
-    from xvla.train.adapt import ADAPTER_META, adapt
+    from xvla.train.adapt import adapt
     from xvla.train.config import AdaptConfig, LoraSettings
 
     folder = rt.out / "adapt"
@@ -649,7 +649,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
         lora=LoraSettings(save="merged"),
     )
     checkpoint = adapt(acfg)
-    notes = json.loads((folder / ADAPTER_META).read_text())
+    notes = json.loads((folder / "adaptation.json").read_text())  # what adapt did (trainer.run writes it)
     new = notes["new_domains"][cfg.heldout_name]
     by_name = {n: int(d["domain_id"]) for n, d in json.loads((base / "sources.json").read_text()).items()}
     summary = _training_summary(folder, checkpoint)
