@@ -246,3 +246,20 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
     for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     assert list((out / "videos").rglob("*.mp4"))
+
+
+def test_skip_generate_without_data_names_the_missing_source(tmp_path: Path) -> None:
+    pytest.importorskip("mujoco")
+    from xvla.demo import Runtime, generate_data
+
+    rt = Runtime(
+        out=tmp_path,
+        data=tmp_path / "data",
+        device="cpu",
+        workers=1,
+        threads=1,
+        skip_generate=True,
+        progress=False,
+    )
+    with pytest.raises(FileNotFoundError, match="--skip-generate: no generated dataset for 'mw_sawyer'"):
+        generate_data(SCALES["smoke"], rt)
