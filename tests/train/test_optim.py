@@ -42,6 +42,25 @@ def test_group_lrs_follow_coefficients_and_schedule():
     assert math.isclose(opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"], 0.1)
 
 
+def test_groups_joining_after_the_prompt_warmup_warm_up_when_they_join():
+    """Backbone groups frozen for the first 20 steps start their own linear warm-up at step 20 (a fixed-start
+    schedule would hand them the full rate at once); prompt/head groups follow the run's schedule."""
+    _, groups = _groups()
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    opt = build_optimizer(groups, cfg, on_cuda=False)
+    sched = build_scheduler(opt, cfg, total_steps=120, start_steps={"vlm": 20, "transformer": 20})
+    lrs: dict[str, list[float]] = {g["name"]: [] for g in opt.param_groups}
+    for _ in range(120):
+        for g in opt.param_groups:
+            lrs[g["name"]].append(g["lr"])
+        opt.step()
+        sched.step()
+    assert lrs["transformer"][20] == pytest.approx(1e-4) and lrs["transformer"][29] == pytest.approx(1e-3)
+    assert lrs["action_heads"][9] == pytest.approx(1e-3) and lrs["action_heads"][20] < 1e-3
+    assert lrs["transformer"][-1] == pytest.approx(1e-4, rel=0.05)  # both decay to the floor by the end
+    assert lrs["action_heads"][-1] == pytest.approx(1e-4, rel=0.05)
+
+
 def test_set_trainable_freezes_other_groups():
     model, groups = _groups()
     set_trainable(groups, ["soft_prompts", "action_heads"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,14 +54,29 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: floa
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    total_steps: int,
+    start_steps: Mapping[str, int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        return lr_factor(
-            step, total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio
-        )
+    """One `lr_factor` schedule per parameter group. A group named in `start_steps` starts its schedule (warm-up
+    included) at that step: the parts frozen during the prompt warm-up then warm up when they join, instead of
+    being hit at the full rate by gradients of a head fitted without them."""
+    start_steps = dict(start_steps or {})
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def schedule(start: int) -> Callable[[int], float]:
+        def factor(step: int) -> float:
+            return lr_factor(
+                max(0, step - start),
+                total_steps=max(1, total_steps - start),
+                warmup_steps=cfg.warmup_steps,
+                min_ratio=cfg.min_lr_ratio,
+            )
+
+        return factor
+
+    lambdas = [schedule(start_steps.get(g.get("name", ""), 0)) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def set_trainable(groups: Mapping[str, Sequence[nn.Parameter]], trainable: Sequence[str]) -> None:

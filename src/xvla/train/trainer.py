@@ -315,7 +315,8 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     set_trainable(job.groups, tuple(job.groups))
     on_cuda = accelerator.device.type == "cuda"
     optimizer = build_optimizer(job.groups, cfg.optim, on_cuda=on_cuda)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    joining = {g: cfg.optim.prompt_warmup_steps for g in job.main_groups if g not in job.prompt_groups}
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps, start_steps=joining)
     model, optimizer = accelerator.prepare(job.model, optimizer)
     ema = _make_ema(cfg, accelerator.unwrap_model(model))
 
