@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .model_helpers import build_small_model, make_batch, small_config
 from safetensors.torch import load_file, save_file
 
 from xvla.model import XVLA, build_action_space
+
+from .model_helpers import build_small_model, make_batch, small_config
 
 
 def _run(model: XVLA, batch: dict[str, torch.Tensor]) -> None:

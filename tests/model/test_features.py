@@ -6,12 +6,13 @@ import re
 
 import pytest
 import torch
-from .model_helpers import build_small_model, make_batch, small_config
 
 from xvla.cli import main
 from xvla.config import get_preset
 from xvla.model import XVLA, ActionSpace, available_action_spaces, build_action_space, register_action_space
 from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
+
+from .model_helpers import build_small_model, make_batch, small_config
 
 
 def test_info_xvla_09b_counts(capsys: pytest.CaptureFixture[str]) -> None:

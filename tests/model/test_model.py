@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from .model_helpers import build_small_model, make_batch, small_config
 
 from xvla.model import XVLA
+
+from .model_helpers import build_small_model, make_batch, small_config
 
 
 def test_forward_and_generate_shapes() -> None:
