@@ -60,7 +60,7 @@ def test_overrides_are_typed_and_named() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"adapt_prompt_steps": 400}, "adapt_prompt_steps"),
+        ({"adapt_prompt_steps": DemoConfig().adapt_steps}, "adapt_prompt_steps"),  # must leave stage-2 steps
         ({"val_episodes": 20}, "val_episodes"),
         ({"adapt_mode": "half"}, "adapt_mode"),
         ({"adapt_init": "scratch"}, "adapt_init"),

@@ -65,9 +65,9 @@ class DemoConfig:
     preset: str = "demo"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"num_views": 2})
     # -- pre-training
-    pretrain_steps: int = 900
+    pretrain_steps: int = 1600
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 5e-4
     warmup_steps: int = 50
     # The authors train the VLM and prompts at 0.1x because their VLM is pre-trained and their run is 200k
     # steps; this model starts from random weights and trains for minutes, so everything trains at 1x.
@@ -77,7 +77,7 @@ class DemoConfig:
     log_every: int = 10
     # -- adaptation (two stages; `adapt_steps` counts both)
     adapt_prompt_steps: int = 100  # stage 1: only the new prompt and heads train
-    adapt_steps: int = 350
+    adapt_steps: int = 800
     adapt_lr: float = 3e-4
     adapt_mode: str = "full"  # stage 2: "full", "lora" or "prompt"
     adapt_init: str = "retrieval"  # "retrieval" or the name of a pre-training source
@@ -88,16 +88,16 @@ class DemoConfig:
     pretrain_eval_episodes: int = 4  # each pre-training source, pre-trained model
     oracle_episodes: int = 2  # per source
     videos: int = 2  # MP4s of the adapted policy on the held-out robot
-    replan_s: float = 0.25  # seconds of each chunk executed before the policy is queried again
+    replan_s: float = 0.2  # seconds of each chunk executed before the policy is queried again
     sample_steps: int = 10  # denoising steps per query
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
     budget_s: dict[str, float] = field(
         default_factory=lambda: {
-            "generate": 300.0,
+            "generate": 420.0,
             "oracle": 30.0,
-            "pretrain": 360.0,
-            "adapt": 120.0,
-            "evaluate": 210.0,
+            "pretrain": 540.0,
+            "adapt": 240.0,
+            "evaluate": 150.0,
             "report": 10.0,
         }
     )
