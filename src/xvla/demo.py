@@ -587,8 +587,10 @@ def _model_overrides(cfg: DemoConfig, num_domains: int) -> dict[str, Any]:
 
 
 def _training_summary(folder: Path, checkpoint: Path) -> dict[str, Any]:
-    history = json.loads((folder / "history.json").read_text())
-    validation = json.loads((folder / "validation.json").read_text())[-1]
+    from xvla.train.trainer import HISTORY_FILE, VALIDATION_FILE
+
+    history = json.loads((folder / HISTORY_FILE).read_text())
+    validation = json.loads((folder / VALIDATION_FILE).read_text())[-1]
     rate = history["scalars"].get("train/samples_per_s", [])
     return {
         "checkpoint": str(checkpoint),
@@ -629,6 +631,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
     """Grow the pre-trained model by one domain for the held-out robot and fit it in two stages."""
     from xvla.train.adapt import adapt
     from xvla.train.config import AdaptConfig, LoraSettings
+    from xvla.train.trainer import ADAPTATION_FILE
 
     folder = rt.out / "adapt"
     tcfg = _train_config(
@@ -649,7 +652,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
         lora=LoraSettings(save="merged"),
     )
     checkpoint = adapt(acfg)
-    notes = json.loads((folder / "adaptation.json").read_text())  # what adapt did (trainer.run writes it)
+    notes = json.loads((folder / ADAPTATION_FILE).read_text())  # what adapt did (trainer.run writes it)
     new = notes["new_domains"][cfg.heldout_name]
     by_name = {n: int(d["domain_id"]) for n, d in json.loads((base / "sources.json").read_text()).items()}
     summary = _training_summary(folder, checkpoint)

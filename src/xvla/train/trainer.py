@@ -63,6 +63,10 @@ from xvla.train.optim import (
 log = logging.getLogger(__name__)
 
 ALL_GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
+# Files a run writes into its output folder (read back by the demo and by users' scripts).
+HISTORY_FILE = "history.json"
+VALIDATION_FILE = "validation.json"
+ADAPTATION_FILE = "adaptation.json"
 BART_VOCAB = 50265  # facebook/bart-large's tokenizer size (Florence-2 adds tokens on top)
 BUILTIN_VOCAB = 4096  # upper bound for the offline BPE (its small built-in corpus yields far fewer merges)
 
@@ -396,7 +400,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
             accelerator.log(scalars, step=step)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", sps=f"{rate:.1f}")
             if accelerator.is_main_process:
-                _write_json(out / "history.json", state["history"])
+                _write_json(out / HISTORY_FILE, state["history"])
 
         pause_start = time.perf_counter()
         if cfg.val.every and (step % cfg.val.every == 0 or step == cfg.steps):
@@ -406,7 +410,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
                 accelerator.log(_flat({"val": result}, sep="/"), step=step)
                 accelerator.print(f"step {step}: validation {json.dumps(result['overall'])}")
                 if accelerator.is_main_process:
-                    _write_json(out / "validation.json", state["validation"])
+                    _write_json(out / VALIDATION_FILE, state["validation"])
 
         if step % cfg.checkpoint.every == 0 or step == cfg.steps:
             state["step"] = step
@@ -599,7 +603,7 @@ def _claim_output_dir(cfg: TrainConfig, job: Job, accelerator: Accelerator, resu
         out.mkdir(parents=True, exist_ok=True)
         _write_json(marker, to_dict(cfg))
         if job.adaptation is not None:
-            _write_json(out / "adaptation.json", job.adaptation)
+            _write_json(out / ADAPTATION_FILE, job.adaptation)
     accelerator.wait_for_everyone()
 
 
