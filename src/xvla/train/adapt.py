@@ -112,39 +112,30 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
     sources = merge_sources(known, mixture)
     groups = model.parameter_groups()
     notes = {"base": str(base), "mode": cfg.mode, "init": cfg.init, "new_domains": report}
-    if cfg.mode != "lora":
+    if cfg.mode == "lora":
+        trained: nn.Module = wrap_lora(model, cfg.lora)
+        groups = {
+            "soft_prompts": groups["soft_prompts"],
+            "action_heads": groups["action_heads"],
+            "lora": [p for n, p in trained.named_parameters() if "lora_" in n],
+        }
+        main: tuple[str, ...] = (*PROMPT_PHASE_GROUPS, "lora")
+        grown_config = model.config
+
+        def export(state: dict[str, Tensor], folder: Path) -> None:
+            save_lora(grown_config, cfg.lora, state, folder, base=base, added=len(grown))
+
+    else:
+        trained, export = model, None
         main = PROMPT_PHASE_GROUPS if cfg.mode == "prompt" else ALL_GROUPS
-        return Job(
-            model=model,
-            xvla=model,
-            groups=groups,
-            tokenizer=tokenizer,
-            mixture=mixture,
-            sources=sources,
-            main_groups=main,
-            adaptation=notes,
-        )
-
-    peft_model = wrap_lora(model, cfg.lora)
-    lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    train_groups = {
-        "soft_prompts": groups["soft_prompts"],
-        "action_heads": groups["action_heads"],
-        "lora": lora_params,
-    }
-    grown_config = model.config
-
-    def export(state: dict[str, Tensor], folder: Path) -> None:
-        save_lora(grown_config, cfg.lora, state, folder, base=base, added=len(grown))
-
     return Job(
-        model=peft_model,
+        model=trained,
         xvla=model,
-        groups=train_groups,
+        groups=groups,
         tokenizer=tokenizer,
         mixture=mixture,
         sources=sources,
-        main_groups=(*PROMPT_PHASE_GROUPS, "lora"),
+        main_groups=main,
         export=export,
         adaptation=notes,
     )
