@@ -17,7 +17,7 @@ from xvla.serve.policy import Policy
 from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
 from xvla.train.checkpointing import STATE
 from xvla.train.config import ConfigError
-from xvla.train.trainer import make_accelerator
+from xvla.train.trainer import HISTORY_FILE, make_accelerator
 
 from .helpers import adapt_config, mixture, source_dict
 
@@ -104,6 +104,24 @@ def test_lora_adapter_and_merged_exports_agree(tmp_path, datasets, base_checkpoi
         torch.testing.assert_close(x, y)
     base = outputs(XVLA.from_pretrained(base_checkpoint), base_checkpoint, datasets, range(1))
     assert not torch.equal(base[0], b[0])  # stage 2 trained the LoRA adapters of the shared layers
+
+
+def test_lora_checkpoints_do_not_change_the_run(tmp_path, datasets, base_checkpoint):
+    """Regression: exporting a LoRA checkpoint built a fresh model from the training RNG stream, so the losses
+    after a save depended on how often checkpoints were written."""
+    losses = []
+    for every in (1, 4):
+        out = tmp_path / f"every_{every}"
+        cfg = adapt_config(
+            out,
+            base_checkpoint,
+            mixture(datasets, ("arc_b",)),
+            ("mode=lora", "init=scratch", f"train.checkpoint.every={every}", "train.val.every=0"),
+        )
+        adapt(cfg)
+        losses.append(json.loads((out / HISTORY_FILE).read_text())["loss"])
+    assert len(losses[0]) == 4
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize(

@@ -213,7 +213,8 @@ def save_lora(
 ) -> None:
     """Write the servable model from the full LoRA-wrapped `state`: merged into a plain checkpoint, or the
     adapter (peft files + prompts and heads of every domain, `load_adapted` rebuilds it on the base)."""
-    with torch.device("cpu"):
+    # Initialising the skeleton must not move the training RNG stream (saving would change the run).
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         skeleton = wrap_lora(XVLA(config), settings)
     skeleton.load_state_dict(state)
     if settings.save == "merged":
