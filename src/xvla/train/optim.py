@@ -88,10 +88,3 @@ def set_trainable(groups: Mapping[str, Sequence[nn.Parameter]], trainable: Seque
     for name, params in groups.items():
         for p in params:
             p.requires_grad_(name in trainable)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,7 +57,6 @@ from xvla.train.optim import (
     build_optimizer,
     build_scheduler,
     check_groups,
-    count_parameters,
     set_trainable,
 )
 
@@ -199,30 +199,24 @@ def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator
     `partial_training`: some parameters are frozen for part of the run; DDP must then skip parameters that
     get no gradient (find_unused_parameters), FSDP must keep original parameters (use_orig_params).
     """
+    # Without a GPU, accelerate must be told `cpu`: otherwise it ignores the launcher and every torchrun
+    # process trains alone, all writing into one output folder.
+    on_cpu = cfg.cpu or not torch.cuda.is_available()
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+        precision = "no" if on_cpu else "bf16"
     fsdp = None
     if cfg.fsdp:
-        if cfg.cpu or not torch.cuda.is_available():
+        if on_cpu:
             raise ConfigError("fsdp: needs GPUs (accelerate's FSDP has no CPU backend); use DDP on CPU")
-        fsdp = FullyShardedDataParallelPlugin(
-            fsdp_version=1,
-            reshard_after_forward="FULL_SHARD",
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=list(LAYER_CLASSES),
-            use_orig_params=True,
-            state_dict_type="FULL_STATE_DICT",
-            activation_checkpointing=cfg.model.activation_checkpointing,
-            sync_module_states=True,
-        )
+        fsdp = fsdp_plugin(cfg)
     trackers: list[str] = []
     if cfg.log.tensorboard:
         trackers.append("tensorboard")
     if cfg.log.wandb and _wandb_available():
         trackers.append("wandb")
-    return Accelerator(
-        cpu=cfg.cpu,
+    accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=partial_training)],
         fsdp_plugin=fsdp,
@@ -230,6 +224,27 @@ def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator
         project_config=ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
         ),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))  # set by torchrun/accelerate
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but accelerate joined "
+            f"{accelerator.num_processes}: each would train alone into {cfg.output_dir}"
+        )
+    return accelerator
+
+
+def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
+    """FULL_SHARD with each repeated layer (vision stage block, encoder layer, head block) as one unit."""
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=1,
+        reshard_after_forward="FULL_SHARD",
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(LAYER_CLASSES),
+        use_orig_params=True,
+        state_dict_type="FULL_STATE_DICT",
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        sync_module_states=True,
     )
 
 
@@ -321,6 +336,9 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     optimizer = build_optimizer(job.groups, cfg.optim, on_cuda=on_cuda)
     joining = {g: cfg.optim.prompt_warmup_steps for g in job.main_groups if g not in job.prompt_groups}
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps, start_steps=joining)
+    # Counted before wrapping: under FSDP each rank's parameters are shards afterwards.
+    group_sizes = {name: sum(p.numel() for p in params) for name, params in job.groups.items()}
+    total = sum(p.numel() for p in job.model.parameters())
     model, optimizer = accelerator.prepare(job.model, optimizer)
     ema = _make_ema(cfg, accelerator.unwrap_model(model))
 
@@ -331,7 +349,6 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     else:
         set_seed(cfg.seed + 1, device_specific=True)  # dropout and flow draws differ per rank
 
-    _, total = count_parameters(accelerator.unwrap_model(model))
     # TensorBoard writes to <output_dir>/tensorboard/<project>; wandb logs to project `log.wandb_project`.
     project = cfg.log.wandb_project if cfg.log.wandb else (cfg.log.run_name or "train")
     init_kwargs = {"wandb": {"name": cfg.log.run_name}} if cfg.log.wandb and cfg.log.run_name else {}
@@ -358,7 +375,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
         if wanted != phase:
             phase = wanted
             set_trainable(job.groups, phase)
-            n_train, _ = count_parameters(accelerator.unwrap_model(model))
+            n_train = sum(group_sizes[g] for g in phase)
             accelerator.print(
                 f"step {step}: training {', '.join(phase)}: {n_train:,} of {total:,} parameters "
                 f"({100 * n_train / total:.2f}%)"
@@ -508,7 +525,9 @@ def save_checkpoint(
     state: dict[str, Any],
 ) -> None:
     """Atomic checkpoint: servable model + training state of every rank; then prune to keep_last."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Gathered to CPU (rank 0 only) from accelerators; on CPU "offloading" would return views of FSDP's
+    # flat parameters that are freed when it reshards.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu")
     model_state = get_model_state_dict(model, options=options)  # collective under FSDP
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     with ckpt.atomic_checkpoint(accelerator, folder) as tmp:
@@ -541,7 +560,8 @@ def _exportable(
     """The module to export. Under FSDP the full weights exist only in `model_state`: load them into a copy."""
     if not _is_fsdp(accelerator):
         return accelerator.unwrap_model(model)
-    copy = XVLA(job.xvla.config)
+    with torch.random.fork_rng(devices=[]):  # initialising the copy must not move the training RNG stream
+        copy = XVLA(job.xvla.config)
     copy.load_state_dict(model_state)
     return copy
 
