@@ -114,12 +114,8 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
     notes = {"base": str(base), "mode": cfg.mode, "init": cfg.init, "new_domains": report}
     if cfg.mode == "lora":
         trained: nn.Module = wrap_lora(model, cfg.lora)
-        groups = {
-            "soft_prompts": groups["soft_prompts"],
-            "action_heads": groups["action_heads"],
-            "lora": [p for n, p in trained.named_parameters() if "lora_" in n],
-        }
-        main: tuple[str, ...] = (*PROMPT_PHASE_GROUPS, "lora")
+        groups = lora_groups(groups, trained)
+        main: tuple[str, ...] = tuple(groups)
         grown_config = model.config
 
         def export(state: dict[str, Tensor], folder: Path) -> None:
@@ -206,6 +202,17 @@ def wrap_lora(model: XVLA, settings: LoraSettings) -> nn.Module:
         target_modules=lora_targets(model, settings),
     )
     return get_peft_model(model, config)
+
+
+def lora_groups(
+    groups: dict[str, list[nn.Parameter]], wrapped: nn.Module
+) -> dict[str, list[nn.Parameter]]:
+    """The trained groups of LoRA fine-tuning: the model's prompts and heads (`groups`, from
+    `XVLA.parameter_groups`) and every adapter weight of the peft-`wrapped` model."""
+    return {
+        **{g: groups[g] for g in PROMPT_PHASE_GROUPS},
+        "lora": [p for n, p in wrapped.named_parameters() if "lora_" in n],
+    }
 
 
 def save_lora(
