@@ -137,7 +137,10 @@ def test_sample_contract() -> None:
         "source_idx",
         "episode",
         "frame",
+        "augment_seed",
     }
+    assert s["augment_seed"] == ds.sample(0, 0)["augment_seed"] != ds.sample(0, 1)["augment_seed"]
+    assert s["augment_seed"] != ds.sample(1, 0)["augment_seed"]  # per stream position and shard
     assert len(s["images"]) == 2 and s["images"][0].dtype == np.uint8 and s["images"][0].shape == (8, 6, 3)
     assert s["images"][1][7, 0, 2] == 2 and s["images"][1][7, 5, 2] == 0  # the wrist view is flipped
     assert s["proprio"].dtype == np.float32 and s["proprio"].shape == (20,)

@@ -172,11 +172,12 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, datasets)
 
 
 def test_dataloader_workers_resume(tmp_path, datasets, monkeypatch):
-    cfg = make_config(
-        tmp_path / "run",
-        mixture(datasets),
-        ("steps=4", "val.every=0", "checkpoint.every=2", "data.num_workers=2"),
-    )
+    """With DataLoader workers too, a resumed run repeats the uninterrupted one bit for bit: the sampler
+    position and the colour-jitter draws (seeded by each sample's stream position) both resume. The stop is
+    at the end of the prompt warm-up (step 2), where the backbone groups have no optimiser state yet."""
+    overrides = ("steps=4", "val.every=0", "checkpoint.every=2", "data.num_workers=2")
+    train(make_config(tmp_path / "full", mixture(datasets), overrides))
+    cfg = make_config(tmp_path / "run", mixture(datasets), overrides)
     save = trainer.save_checkpoint
 
     def save_then_die(folder, *args, **kwargs):
@@ -192,6 +193,9 @@ def test_dataloader_workers_resume(tmp_path, datasets, monkeypatch):
         checkpointing.checkpoint_path(cfg.output_dir, 4) / "training_state" / "rank_0.pt", weights_only=False
     )
     assert state["data"]["consumed"] == [8, 8]  # 4 batches of 4 samples, round-robin over 2 workers
+    resumed, reference = history(tmp_path / "run"), history(tmp_path / "full")
+    assert resumed["step"] == reference["step"] == [1, 2, 3, 4]
+    assert resumed["loss"] == reference["loss"]
 
 
 def test_finetune_from_checkpoint_merges_sources(tmp_path, datasets, base_checkpoint):

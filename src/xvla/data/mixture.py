@@ -2,7 +2,7 @@
 
 Sample ``k`` of shard ``s`` is a pure function of ``(seed, split, s, k)``: draw a source by normalised weight,
 then an episode uniformly among the source's episodes of the split (balanced over trajectories), then a
-frame uniformly among the episode's non-static frames. Every sample redraws its episode, so consecutive samples
+frame uniformly among the episode's non-static frames; its ``augment_seed`` (for colour jitter) too. Every sample redraws its episode, so consecutive samples
 (and so a batch) mix episodes and sources. A shard is one ``(rank, dataloader worker)`` pair, so no two
 workers yield the same stream.
 
@@ -35,6 +35,7 @@ from xvla.data.sources import Mixture, Source
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 MAX_DRAWS = 100  # episode draws per sample before giving up (empty/static/bad episodes are redrawn)
+AUGMENT_STREAM = 1  # extra seed word: augmentation draws are independent of the sampling draws
 
 
 class MixtureDataError(RuntimeError):
@@ -205,7 +206,12 @@ class MixtureDataset(IterableDataset):
                 if not len(episode.valid):
                     continue
                 frame = int(episode.valid[int(frame_draw * len(episode.valid))])
-                return self._build(source, source_idx, ep, frame, episode)
+                sample = self._build(source, source_idx, ep, frame, episode)
+                # Random augmentation (colour jitter) is seeded by the stream position too, so it resumes
+                # exactly whatever process or DataLoader worker transforms the sample.
+                augment = np.random.default_rng([self.seed, split_code, shard, index, AUGMENT_STREAM])
+                sample["augment_seed"] = int(augment.integers(2**63))
+                return sample
             except Exception as err:
                 where = f"episode {ep}" + ("" if frame is None else f", frame {frame}")
                 message = f"source {source.name!r}: dataset {source.path}: {where}: {err}"

@@ -265,8 +265,8 @@ def _is_fsdp(accelerator: Accelerator) -> bool:
 class TransformedStream(IterableDataset):
     """`MixtureDataset` raw samples -> transformed model-batch entries (in the DataLoader workers).
 
-    Colour jitter draws from the process's global torch RNG: in-process (no workers) that stream is part of
-    the checkpointed RNG state, so resuming is exact; workers are seeded by the loader's own generator.
+    Colour jitter draws from a generator seeded by the sample's `augment_seed` (a function of its position in
+    the stream), so resuming is exact with or without workers.
     """
 
     def __init__(self, dataset: MixtureDataset, transform: ObservationTransform) -> None:
@@ -275,7 +275,7 @@ class TransformedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for raw in self.dataset:
-            yield self.transform(raw)
+            yield self.transform(raw, torch.Generator().manual_seed(raw["augment_seed"]))
 
 
 def make_loader(
@@ -346,6 +346,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     state = {"step": 0, "samples": 0, "history": _new_history(job), "validation": []}
     if start is not None:
         state = _load_checkpoint(start, accelerator, model, optimizer, scheduler, dataset, ema)
+        _drop_untrained_state(optimizer, _trained_groups(job, cfg, state["step"]))
     else:
         set_seed(cfg.seed + 1, device_specific=True)  # dropout and flow draws differ per rank
 
@@ -601,6 +602,24 @@ def _load_checkpoint(
     state.pop("world_size")
     accelerator.print(f"resumed from {folder} at step {state['step']}")
     return state
+
+
+def _trained_groups(job: Job, cfg: TrainConfig, step: int) -> set[str]:
+    """The parameter groups that took at least one optimiser step before `step`."""
+    warmup = cfg.optim.prompt_warmup_steps
+    return (set(job.prompt_groups) if min(step, warmup) > 0 else set()) | (
+        set(job.main_groups) if step > warmup else set()
+    )
+
+
+def _drop_untrained_state(optimizer: torch.optim.Optimizer, trained: set[str]) -> None:
+    """Loading an optimiser state (torch.distributed.checkpoint) first runs a zero-gradient step that gives
+    every parameter AdamW state at step 1. Groups that had not trained yet must start without state, as in an
+    uninterrupted run: otherwise their first update is bias-corrected as a second one (0.73x its size)."""
+    for group in optimizer.param_groups:
+        if group["name"] not in trained:
+            for p in group["params"]:
+                optimizer.state.pop(p, None)
 
 
 def _make_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
