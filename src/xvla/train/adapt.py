@@ -204,9 +204,7 @@ def wrap_lora(model: XVLA, settings: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def lora_groups(
-    groups: dict[str, list[nn.Parameter]], wrapped: nn.Module
-) -> dict[str, list[nn.Parameter]]:
+def lora_groups(groups: dict[str, list[nn.Parameter]], wrapped: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The trained groups of LoRA fine-tuning: the model's prompts and heads (`groups`, from
     `XVLA.parameter_groups`) and every adapter weight of the peft-`wrapped` model."""
     return {
