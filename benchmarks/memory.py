@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import _common as C
+from xvla.config import get_preset
 from xvla.model.fast import prepare_training
 from xvla.train.adapt import lora_groups, wrap_lora
 from xvla.train.config import LoraSettings, OptimConfig
@@ -57,12 +58,11 @@ def build(preset: str, mode: str, checkpointing: bool, device: torch.device) -> 
     groups = model.parameter_groups()
     trained: nn.Module = model
     if mode == "lora":
-        trained = wrap_lora(model, LoraSettings())  # peft freezes every base weight
+        trained = wrap_lora(model, LoraSettings())  # peft freezes every base weight, prompts and heads too
         groups = lora_groups(groups, trained)
-    elif mode == "prompt":
-        set_trainable(groups, PROMPT_PHASE_GROUPS)
+    set_trainable(groups, PROMPT_PHASE_GROUPS if mode == "prompt" else tuple(groups))
+    if mode == "prompt":
         groups = {g: groups[g] for g in PROMPT_PHASE_GROUPS}
-    set_trainable(groups, tuple(groups))
     prepare_training(trained, compile_layers=False, activation_checkpointing=checkpointing)
     return trained, groups
 
@@ -127,7 +127,7 @@ def measure(args: argparse.Namespace, device: torch.device, mode: str, ckpt: boo
     model = groups = batch = None
     try:
         model, groups = build(args.preset, mode, ckpt, device)
-        cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        cfg = get_preset(args.preset)
         row["trainable_m"] = sum(p.numel() for ps in groups.values() for p in ps) / 1e6
         batch = C.random_batch(cfg, b, args.views or cfg.num_views, device, seed=b, actions=True)
         t0 = time.perf_counter()

@@ -2,8 +2,8 @@
 
 Sample ``k`` of shard ``s`` is a pure function of ``(seed, split, s, k)``: draw a source by normalised weight,
 then an episode uniformly among the source's episodes of the split (balanced over trajectories), then a
-frame uniformly among the episode's non-static frames; its ``augment_seed`` (for colour jitter) too. Every sample redraws its episode, so consecutive samples
-(and so a batch) mix episodes and sources. A shard is one ``(rank, dataloader worker)`` pair, so no two
+frame uniformly among the episode's non-static frames; so is its ``augment_seed`` (for colour jitter). Every
+sample redraws its episode, so consecutive samples (and so a batch) mix episodes and sources. A shard is one ``(rank, dataloader worker)`` pair, so no two
 workers yield the same stream.
 
 Resuming: the state is the number of samples each worker has yielded. The DataLoader hands out batches round-robin
