@@ -371,3 +371,31 @@ def test_lerobot_v21_and_v30_copies_give_the_same_stream() -> None:
         assert a["instruction"] == b["instruction"]
         for x, y in zip(a["images"], b["images"], strict=True):
             assert np.abs(x.astype(int) - y.astype(int)).mean() < 8  # both lossy AV1 encodes of one frame
+
+
+def test_frame_cache_gives_the_same_stream_and_respects_its_cap() -> None:
+    plain = take(dataset(), 30)
+    cached_ds = dataset(frame_cache_bytes=10**9)
+    for a, b in zip(plain, take(cached_ds, 30), strict=True):
+        assert key(a) == key(b)
+        for x, y in zip(a["images"], b["images"], strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert cached_ds.cached_frame_bytes > 0
+    # One (episode, camera) of the fake data is at most (20 + 7 * 5) x 8 x 6 x 3 = 7920 bytes: a 10 kB cap keeps
+    # the first one or two decoded and streams the rest, with the same samples.
+    capped = dataset(frame_cache_bytes=10_000)
+    for a, b in zip(plain, take(capped, 30), strict=True):
+        assert key(a) == key(b)
+    assert 0 < capped.cached_frame_bytes <= 10_000
+    preloaded = dataset(frame_cache_bytes=10**9)
+    total = preloaded.preload_frames()
+    frames = sum(
+        FakeDataset(s.path).episode_length(int(e)) * len(s.cameras)
+        for i, s in enumerate(preloaded.mixture.sources)
+        for e in preloaded.split_episodes(i)
+    )
+    assert total == frames * 8 * 6 * 3
+    assert [key(s) for s in take(preloaded, 30)] == [key(s) for s in plain]
+    import pickle
+
+    assert not pickle.loads(pickle.dumps(preloaded))._frames  # workers under spawn start empty

@@ -13,7 +13,10 @@ mixture, seed, rank, world size and number of workers) continues the very same b
 the dataset counts what it yields itself.
 
 Datasets are opened lazily inside each worker; at most ``max_open_datasets`` readers and ``max_cached_episodes``
-episodes' low-dimensional arrays are kept (LRU), and images are read one frame at a time.
+episodes' low-dimensional arrays are kept (LRU). Images are read one frame at a time unless
+``frame_cache_bytes`` > 0: then each (episode, camera) is decoded once, whole, and kept in RAM until the cache
+holds that many bytes; episodes beyond the cap are streamed frame by frame as before. ``preload_frames()``
+fills the cache before DataLoader workers fork, so they share one copy (copy-on-write pages).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class MixtureDataset(IterableDataset):
         skip_bad_episodes: bool = False,
         max_open_datasets: int = 16,
         max_cached_episodes: int = 32,
+        frame_cache_bytes: int = 0,
         open_fn: Callable[[Source], EpisodeDataset] = _default_open,
     ) -> None:
         if split not in SPLITS:
@@ -88,6 +92,7 @@ class MixtureDataset(IterableDataset):
         self.skip_bad_episodes = skip_bad_episodes
         self.max_open_datasets = max(1, max_open_datasets)
         self.max_cached_episodes = max(1, max_cached_episodes)
+        self.frame_cache_bytes = max(0, int(frame_cache_bytes))
         self.open_fn = open_fn
         self.skipped_episodes = 0  # bad episodes skipped in this process
         self._start: list[int] = [0]  # samples already consumed, per worker role
@@ -100,10 +105,12 @@ class MixtureDataset(IterableDataset):
         self._episodes: OrderedDict[tuple[int, int], _Episode] = OrderedDict()
         self._splits: list[np.ndarray] | None = None
         self._bad: set[tuple[int, int]] = set()
+        self._frames: dict[tuple[int, int, str], np.ndarray] = {}  # (source, episode, camera) -> [N, H, W, 3]
+        self._frame_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()  # workers get empty caches: every reader is opened inside its worker
-        for key in ("_datasets", "_episodes", "_splits", "_bad"):
+        for key in ("_datasets", "_episodes", "_splits", "_bad", "_frames", "_frame_bytes"):
             state.pop(key)
         return state
 
@@ -175,6 +182,36 @@ class MixtureDataset(IterableDataset):
             self._episodes.popitem(last=False)
         return episode
 
+    def frames(self, source_idx: int, ep: int, camera: str, frame: int) -> np.ndarray:
+        """One decoded frame [H, W, 3] uint8, from the frame cache when it is on (see the module docstring)."""
+        key = (source_idx, ep, camera)
+        cached = self._frames.get(key)
+        if cached is not None:
+            return cached[frame]
+        ds = self.dataset(source_idx)
+        if not self.frame_cache_bytes or self._frame_bytes >= self.frame_cache_bytes:
+            return ds.read_frames(ep, camera, [frame])[0]
+        whole = ds.read_frames(ep, camera, range(ds.episode_length(ep)))
+        if self._frame_bytes + whole.nbytes <= self.frame_cache_bytes:
+            self._frames[key] = whole
+        self._frame_bytes += whole.nbytes  # counted even when not kept: the cache is full from here on
+        return whole[frame]
+
+    def preload_frames(self) -> int:
+        """Decode every camera of every episode of this split into the frame cache (up to its cap) now, e.g.
+        before DataLoader workers fork. Returns the cached bytes."""
+        for i, source in enumerate(self.mixture.sources):
+            for ep in self.split_episodes(i):
+                for cam in source.cameras:
+                    if self._frame_bytes >= self.frame_cache_bytes:
+                        return self.cached_frame_bytes
+                    self.frames(i, int(ep), cam.key, 0)
+        return self.cached_frame_bytes
+
+    @property
+    def cached_frame_bytes(self) -> int:
+        return sum(v.nbytes for v in self._frames.values())
+
     # ------------------------------------------------------------ sampling
 
     def _active_sources(self) -> tuple[np.ndarray, np.ndarray]:
@@ -228,8 +265,7 @@ class MixtureDataset(IterableDataset):
     def _build(
         self, source: Source, source_idx: int, ep: int, frame: int, episode: _Episode
     ) -> dict[str, Any]:
-        ds = self.dataset(source_idx)
-        images = [cam.apply(ds.read_frames(ep, cam.key, [frame])[0]) for cam in source.cameras]
+        images = [cam.apply(self.frames(source_idx, ep, cam.key, frame)) for cam in source.cameras]
         t = float(episode.times[frame])
         # The trajectory starts at the proprio: action targets then move from the current pose to the first
         # commanded one (for state targets this is the state trajectory itself).
