@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from xvla.config import get_preset
-from xvla.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ObservationTransform, collate, color_jitter
+from xvla.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augment,
+    ObservationTransform,
+    collate,
+    color_jitter,
+    random_shift,
+)
 from xvla.model.tokenizer import build_tokenizer
 
 torch.set_num_threads(1)
@@ -90,6 +98,37 @@ def test_jitter_only_in_training_and_deterministic_with_a_generator(config: Any,
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c) and not torch.allclose(a, plain)
     torch.testing.assert_close(plain, evaluate(raw())["pixel_values"])
+
+
+def test_random_shift_moves_content_by_at_most_the_pad() -> None:
+    img = torch.zeros(3, 16, 16)
+    img[:, 7, 9] = 1.0  # one bright pixel
+    seen = set()
+    for seed in range(40):
+        out = random_shift(img, 3, torch.Generator().manual_seed(seed))
+        assert out.shape == img.shape
+        (y, x) = torch.nonzero(out[0]).tolist()[0]
+        assert abs(y - 7) <= 3 and abs(x - 9) <= 3
+        seen.add((y, x))
+    assert len(seen) > 10  # offsets vary with the generator
+    edge = torch.zeros(3, 8, 8)
+    edge[:, 0, :] = 1.0  # replicate padding repeats the border instead of inventing black bars
+    shifted = random_shift(edge, 2, torch.Generator().manual_seed(0))
+    assert set(shifted.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_augment_options_apply_only_in_training(config: Any, tokenizer: Any) -> None:
+    shift = Augment(color_jitter=False, shift_px=4)
+    evaluate = ObservationTransform(config, tokenizer, train=False, augment=shift)
+    plain = ObservationTransform(config, tokenizer, train=False)(raw())["pixel_values"]
+    torch.testing.assert_close(evaluate(raw(), torch.Generator().manual_seed(1))["pixel_values"], plain)
+    train = ObservationTransform(config, tokenizer, train=True, augment=shift)
+    outs = [train(raw(), torch.Generator().manual_seed(s))["pixel_values"] for s in range(4)]
+    assert any(not torch.allclose(o, plain) for o in outs)
+    off = ObservationTransform(config, tokenizer, train=True, augment=Augment(color_jitter=False))
+    torch.testing.assert_close(off(raw(), torch.Generator().manual_seed(1))["pixel_values"], plain)
+    with pytest.raises(ValueError, match="shift_px"):
+        Augment(shift_px=-1)
 
 
 def test_color_jitter_semantics() -> None:

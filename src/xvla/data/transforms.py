@@ -2,13 +2,16 @@
 
 Images: resize to ``config.image_size`` square (bicubic with antialiasing, no aspect preservation), in training
 ``ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0)`` with torchvision's semantics (random order
-of the three adjustments, factors uniform in [0.8, 1.2]), then ImageNet mean/std. Views are padded to
+of the three adjustments, factors uniform in [0.8, 1.2]) and, when ``Augment.shift_px`` > 0, a random shift
+(pad by replicating the border, crop back at a random offset of up to that many pixels, as DrQ and Diffusion
+Policy do for small-data visuomotor learning), then ImageNet mean/std. Views are padded to
 ``config.num_views`` with zeros and masked. Text is tokenised and padded/truncated to ``config.max_text_len``.
 Proprio and actions are zero-padded to the model's widths (single-arm data fills the left arm).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,26 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JITTER = (0.2, 0.2, 0.2)  # brightness, contrast, saturation
 BATCH_KEYS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "domain_id", "proprio", "action")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time image augmentation (serving never augments)."""
+
+    color_jitter: bool = True
+    shift_px: int = 0  # random shift of up to this many pixels (at the model's image size); 0 = off
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shift_px, int) or self.shift_px < 0:
+            raise ValueError(f"Augment.shift_px: expected an integer >= 0, got {self.shift_px!r}")
+
+
+def random_shift(img: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
+    """[3, H, W] -> [3, H, W]: replicate-pad by `pad`, crop at a uniform integer offset in [0, 2 * pad]."""
+    h, w = img.shape[1:]
+    padded = F.pad(img[None], (pad, pad, pad, pad), mode="replicate")[0]
+    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+    return padded[:, dy : dy + h, dx : dx + w]
 
 
 def _grayscale(img: Tensor) -> Tensor:
@@ -52,12 +75,14 @@ class ObservationTransform:
     """``ObservationTransform(config, tokenizer, train)(raw) -> dict[str, Tensor]`` (unbatched batch entries).
 
     ``config`` provides image_size, num_views, max_text_len, proprio_dim, num_actions and action_space
-    (an `XVLAConfig`); ``tokenizer`` is a Hugging Face tokenizer (``xvla.model.tokenizer.load_tokenizer``)."""
+    (an `XVLAConfig`); ``tokenizer`` is a Hugging Face tokenizer (``xvla.model.tokenizer.load_tokenizer``);
+    ``augment`` applies only when ``train``."""
 
-    def __init__(self, config: Any, tokenizer: Any, train: bool) -> None:
+    def __init__(self, config: Any, tokenizer: Any, train: bool, augment: Augment = Augment()) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.train = train
+        self.augment = augment
         space = build_action_space(config.action_space, config.real_action_dim, config.max_action_dim)
         self.action_dim = space.dim  # targets are zero-padded to the width the network emits
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -75,8 +100,10 @@ class ObservationTransform:
                 x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True
             )[0]
             x = x.clamp(0.0, 1.0)  # bicubic overshoots
-        if self.train:
+        if self.train and self.augment.color_jitter:
             x = color_jitter(x, generator)
+        if self.train and self.augment.shift_px:
+            x = random_shift(x, self.augment.shift_px, generator)
         return (x - self._mean) / self._std
 
     def __call__(self, raw: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
