@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from xvla.data.transforms import Augment
+
 T = TypeVar("T")
 
 GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
@@ -50,6 +52,10 @@ class DataConfig:
     seed: int = (
         0  # fixes the train/val episode split (sources' val_fraction/val_count) and the sampling order
     )
+    # Decoded frames kept in RAM per process (GiB): each episode's video is decoded once; past the cap the rest
+    # is streamed frame by frame. With workers the cache is filled before they fork and shared by them.
+    frame_cache_gib: float = 1.0
+    augment: Augment = field(default_factory=Augment)  # training-time image augmentation
 
 
 @dataclass(frozen=True)

@@ -290,10 +290,16 @@ def make_loader(
         split_seed=cfg.data.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        frame_cache_bytes=int(cfg.data.frame_cache_gib * 2**30),
     )
     workers = cfg.data.num_workers if train else 0
+    if workers:
+        dataset.preload_frames()  # before the workers fork, so they share the decoded frames
     loader = DataLoader(
-        TransformedStream(dataset, ObservationTransform(job.xvla.config, job.tokenizer, train=train)),
+        TransformedStream(
+            dataset,
+            ObservationTransform(job.xvla.config, job.tokenizer, train=train, augment=cfg.data.augment),
+        ),
         batch_size=cfg.batch_size,
         num_workers=workers,
         collate_fn=collate,
