@@ -173,6 +173,12 @@ def synthetic_results() -> dict[str, Any]:
             "adapted": _summary(9, 20),
         },
         "pretrain_eval": {"rs_panda": _summary(3, 4)},
+        "learning_curve": {
+            "rs_panda": [
+                {"step": 10, "samples": 160, **_summary(1, 5)},
+                {"step": 30, "samples": 480, **_summary(3, 4)},
+            ]
+        },
         "soft_prompts": {
             "explained_variance": [0.6, 0.3],
             "domains": {
@@ -187,9 +193,15 @@ def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
     results = synthetic_results()
     report = write_report(results, tmp_path)
     text = report.read_text()
-    for needle in ("45% (9/20; 95% CI 10-90%)", "| rs_panda | 4 |", "## Learned soft prompts", "21:40"):
+    for needle in (
+        "45% (9/20; 95% CI 10-90%)",
+        "| rs_panda | 4 |",
+        "## Learned soft prompts",
+        "21:40",
+        "| rs_panda | 1/5 | 3/4 |",
+    ):
         assert needle in text, needle
-    for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png"):
+    for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png", "learning_curve.png"):
         path = tmp_path / "plots" / plot
         assert path.stat().st_size > 5000 and f"plots/{plot}" in text
     assert json.loads((tmp_path / "results.json").read_text()) == results

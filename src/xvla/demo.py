@@ -86,6 +86,10 @@ class DemoConfig:
     eval_episodes: int = 20  # held-out robot, before and after adaptation
     untrained_episodes: int = 10  # held-out robot, random weights
     pretrain_eval_episodes: int = 4  # each pre-training source, pre-trained model
+    # Learning curves: this many evenly spaced intermediate pre-training checkpoints (besides the final one) are
+    # evaluated on every pre-training task with `curve_episodes` episodes on the first evaluation seeds.
+    curve_points: int = 0
+    curve_episodes: int = 5
     oracle_episodes: int = 2  # per source
     videos: int = 2  # MP4s of the adapted policy on the held-out robot
     replan_s: float = 0.2  # seconds of each chunk executed before the policy is queried again
@@ -128,6 +132,8 @@ class DemoConfig:
             "val_episodes",
             "untrained_episodes",
             "pretrain_eval_episodes",
+            "curve_points",
+            "curve_episodes",
             "oracle_episodes",
             "videos",
         ):
@@ -152,6 +158,11 @@ class DemoConfig:
             raise ValueError(
                 "DemoConfig.adapt_init: 'scratch' leaves no pre-adaptation baseline; use 'retrieval' or the "
                 "name of a pre-training source (and scratch_baseline=true for a model without pre-training)"
+            )
+        if self.curve_points and self.pretrain_steps % (self.curve_points + 1):
+            raise ValueError(
+                f"DemoConfig.curve_points: pretrain_steps ({self.pretrain_steps}) must split into curve_points + 1 "
+                f"({self.curve_points + 1}) equal parts"
             )
         if self.replan_s <= 0 or self.lr <= 0 or self.adapt_lr <= 0:
             raise ValueError("DemoConfig.replan_s, lr and adapt_lr: expected values > 0")
@@ -198,7 +209,9 @@ def _scales() -> dict[str, DemoConfig]:
             adapt_steps=4,
             eval_episodes=1,
             untrained_episodes=1,
-            pretrain_eval_episodes=0,
+            pretrain_eval_episodes=1,
+            curve_points=1,
+            curve_episodes=1,
             oracle_episodes=1,
             videos=1,
             replan_s=1.0,
@@ -430,6 +443,7 @@ def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
     )
     results["heldout_eval"] = evaluation["heldout"]
     results["pretrain_eval"] = evaluation["pretrain"]
+    results["learning_curve"] = evaluation["learning_curve"]
 
     def report() -> None:
         results["soft_prompts"] = soft_prompt_projection(
@@ -552,7 +566,9 @@ def _train_config(
     steps: int,
     lr: float,
     prompt_steps: int,
+    checkpoints: int = 1,
 ) -> Any:
+    """The run's TrainConfig; `checkpoints` evenly spaced checkpoints are kept (the last at `steps`)."""
     from xvla.train.config import TrainConfig, from_dict
 
     return from_dict(
@@ -571,7 +587,7 @@ def _train_config(
                 "prompt_warmup_steps": prompt_steps,
                 "lr_scale": {"vlm": cfg.vlm_lr_scale, "soft_prompts": cfg.prompt_lr_scale},
             },
-            "checkpoint": {"every": steps, "keep_last": 1},
+            "checkpoint": {"every": steps // checkpoints, "keep_last": checkpoints},
             "val": {"every": steps, "batches": cfg.val_batches, "sample_steps": cfg.sample_steps},
             "log": {"every": min(cfg.log_every, steps), "progress": rt.progress, "tensorboard": False},
             "steps": steps,
@@ -580,6 +596,12 @@ def _train_config(
             "seed": cfg.seed,
         },
     )
+
+
+def _curve_steps(cfg: DemoConfig) -> list[int]:
+    """Pre-training steps of the intermediate checkpoints the learning curves evaluate."""
+    every = cfg.pretrain_steps // (cfg.curve_points + 1)
+    return [every * (i + 1) for i in range(cfg.curve_points)]
 
 
 def _model_overrides(cfg: DemoConfig, num_domains: int) -> dict[str, Any]:
@@ -606,6 +628,7 @@ def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict
     """Train a fresh model with one domain per pre-training source (domain ids fixed by the suite)."""
     from xvla.data.sources import Mixture
     from xvla.model.xvla import XVLA
+    from xvla.train import checkpointing as ckpt
     from xvla.train.trainer import train
 
     num_domains = max(s.domain_id for s in Mixture.load(mixtures["pretrain"]).sources) + 1
@@ -619,9 +642,14 @@ def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict
         lr=cfg.lr,
         prompt_steps=0,
         model={"preset": cfg.preset, "overrides": _model_overrides(cfg, num_domains)},
+        checkpoints=cfg.curve_points + 1,
     )
     checkpoint = train(tcfg)
     summary = _training_summary(folder, checkpoint)
+    summary["curve_checkpoints"] = [
+        {"step": s, "samples": s * cfg.batch_size, "checkpoint": str(ckpt.checkpoint_path(folder, s))}
+        for s in _curve_steps(cfg)
+    ]
     summary["parameters"] = sum(p.numel() for p in XVLA.from_pretrained(checkpoint).parameters())
     summary["num_domains"] = num_domains
     return summary
@@ -761,6 +789,18 @@ def evaluate_all(
                         "pretrained",
                     )
                 )
+    curve = results["pretrain"].get("curve_checkpoints", [])
+    if cfg.curve_episodes:
+        for point in curve:
+            for name, tasks in parse_selection(list(cfg.pretrain_sources)).items():
+                for task in tasks:
+                    options = {
+                        **common,
+                        "source": pre_sources[name].to_dict(),
+                        "task": task,
+                        "episodes": cfg.curve_episodes,
+                    }
+                    jobs.append(_Job("eval", name, point["checkpoint"], options, f"curve:{point['step']}"))
     outcomes = _run_jobs(jobs, rt, "evaluate")
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job, result in zip(jobs, outcomes, strict=True):
@@ -778,8 +818,22 @@ def evaluate_all(
         for name in pre_sources
         if ("pretrained", name) in grouped
     }
+    final_step = results["pretrain"]["steps"]
+    learning_curve = {
+        name: [
+            {
+                "step": p["step"],
+                "samples": p["samples"],
+                **merge_evaluations(grouped[(f"curve:{p['step']}", name)]),
+            }
+            for p in curve
+            if (f"curve:{p['step']}", name) in grouped
+        ]
+        + ([{"step": final_step, "samples": final_step * cfg.batch_size, **pre[name]}] if name in pre else [])
+        for name in pre_sources
+    }
     _write_json(rt.out / "eval" / "episodes.json", {f"{k[0]}/{k[1]}": v for k, v in grouped.items()})
-    return {"heldout": heldout, "pretrain": pre}
+    return {"heldout": heldout, "pretrain": pre, "learning_curve": learning_curve}
 
 
 def merge_evaluations(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -1053,6 +1107,26 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
             "",
         ]
     lines += [f"![success rates]({plots['success'].relative_to(out)})", ""]
+    if "learning_curve" in plots:
+        curves = results["learning_curve"]
+        steps = [p["step"] for p in max(curves.values(), key=len)]
+        lines += [
+            "### Learning curves",
+            "",
+            "Closed-loop success of the pre-trained model along training, on the same evaluation seeds at every "
+            f"checkpoint ({cfg['curve_episodes']} episodes per task at intermediate checkpoints, "
+            f"{cfg['pretrain_eval_episodes']} at the last):",
+            "",
+            "| source | " + " | ".join(f"step {s}" for s in steps) + " |",
+            "|---|" + "---|" * len(steps),
+            *[
+                f"| {name} | " + " | ".join(f"{p['successes']}/{p['episodes']}" for p in points) + " |"
+                for name, points in curves.items()
+            ],
+            "",
+            f"![learning curves]({plots['learning_curve'].relative_to(out)})",
+            "",
+        ]
     videos = sorted((out / "videos").rglob("*.mp4")) if (out / "videos").is_dir() else []
     if videos:
         lines += [
@@ -1143,6 +1217,24 @@ def make_plots(results: Mapping[str, Any], folder: Path) -> dict[str, Path]:
         ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
         ax.set(ylim=(0, 100), ylabel="success (%) with 95% CI", title=title)
     paths["success"] = _save(fig, folder / "success_rates.png")
+
+    curves = {k: v for k, v in (results.get("learning_curve") or {}).items() if len(v) > 1}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+        for name, points in curves.items():
+            x = [p["samples"] for p in points]
+            ax.plot(x, [100 * p["success_rate"] for p in points], marker="o", label=name)
+            ax.fill_between(
+                x, [100 * p["ci95"][0] for p in points], [100 * p["ci95"][1] for p in points], alpha=0.12
+            )
+        ax.set(
+            ylim=(0, 100),
+            xlabel="training samples seen",
+            ylabel="closed-loop success (%), 95% CI",
+            title="pre-training: success on each source along training",
+        )
+        ax.legend(fontsize=7)
+        paths["learning_curve"] = _save(fig, folder / "learning_curve.png")
 
     sp = results.get("soft_prompts") or {}
     if sp.get("domains"):
@@ -1255,11 +1347,10 @@ def _machine(rt: Runtime) -> dict[str, Any]:
 
 
 def default_threads() -> int:
-    """Torch threads for CPU training: the cores not already busy (oversubscribed OpenMP threads spin and
-    can make a step 10x slower on a loaded machine)."""
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, cores - int(load + 0.5)))
+    """Torch threads for CPU training: every core this process may run on. The demo's stages do not overlap
+    (simulator workers and training never run at once), so training owns the machine; judging by the load
+    average at start left a core idle whenever the machine had just been busy (e.g. with data generation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(device: str) -> str:
@@ -1302,7 +1393,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch threads for CPU training (default: the cores not busy at start)",
+        help="torch threads for CPU training (default: every core)",
     )
     p.add_argument("--data", default=None, help="generated datasets folder (default OUT/data; cached)")
     p.add_argument(
