@@ -65,8 +65,8 @@ class DemoConfig:
     preset: str = "demo"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"num_views": 2})
     # -- pre-training
-    pretrain_steps: int = 1600
-    batch_size: int = 16
+    pretrain_steps: int = 1200
+    batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 50
     # The authors train the VLM and prompts at 0.1x because their VLM is pre-trained and their run is 200k
@@ -77,31 +77,34 @@ class DemoConfig:
     log_every: int = 10
     # -- adaptation (two stages; `adapt_steps` counts both)
     adapt_prompt_steps: int = 100  # stage 1: only the new prompt and heads train
-    adapt_steps: int = 800
+    adapt_steps: int = 400
     adapt_lr: float = 3e-4
     adapt_mode: str = "full"  # stage 2: "full", "lora" or "prompt"
     adapt_init: str = "retrieval"  # "retrieval" or the name of a pre-training source
-    scratch_baseline: bool = False  # also train a fresh model on the held-out data only (adapt_steps steps)
+    scratch_baseline: bool = True  # also train a fresh model on the held-out data only (adapt_steps steps)
     # -- evaluation (episodes per task)
-    eval_episodes: int = 20  # held-out robot, before and after adaptation
-    untrained_episodes: int = 10  # held-out robot, random weights
-    pretrain_eval_episodes: int = 4  # each pre-training source, pre-trained model
+    eval_episodes: int = 40  # held-out robot after adaptation (and the scratch baseline)
+    pre_adaptation_episodes: int = 10  # held-out robot, pre-trained model before adaptation
+    untrained_episodes: int = 5  # held-out robot, random weights
+    pretrain_eval_episodes: int = 20  # each pre-training task, pre-trained model
     # Learning curves: this many evenly spaced intermediate pre-training checkpoints (besides the final one) are
     # evaluated on every pre-training task with `curve_episodes` episodes on the first evaluation seeds.
-    curve_points: int = 0
+    curve_points: int = 1
     curve_episodes: int = 5
     oracle_episodes: int = 2  # per source
     videos: int = 2  # MP4s of the adapted policy on the held-out robot
     replan_s: float = 0.2  # seconds of each chunk executed before the policy is queried again
     sample_steps: int = 10  # denoising steps per query
+    # -- the wall-time promise of this scale (None: none); the report says whether the run kept it
+    target_s: float | None = 25 * 60
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
     budget_s: dict[str, float] = field(
         default_factory=lambda: {
-            "generate": 420.0,
-            "oracle": 30.0,
-            "pretrain": 540.0,
-            "adapt": 240.0,
-            "evaluate": 150.0,
+            "generate": 240.0,
+            "oracle": 20.0,
+            "pretrain": 720.0,
+            "adapt": 480.0,
+            "evaluate": 480.0,
             "report": 10.0,
         }
     )
@@ -130,6 +133,7 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name}: expected an integer >= 1, got {getattr(self, name)!r}")
         for name in (
             "val_episodes",
+            "pre_adaptation_episodes",
             "untrained_episodes",
             "pretrain_eval_episodes",
             "curve_points",
@@ -159,10 +163,10 @@ class DemoConfig:
                 "DemoConfig.adapt_init: 'scratch' leaves no pre-adaptation baseline; use 'retrieval' or the "
                 "name of a pre-training source (and scratch_baseline=true for a model without pre-training)"
             )
-        if self.curve_points and self.pretrain_steps % (self.curve_points + 1):
+        if self.curve_points >= self.pretrain_steps:
             raise ValueError(
-                f"DemoConfig.curve_points: pretrain_steps ({self.pretrain_steps}) must split into curve_points + 1 "
-                f"({self.curve_points + 1}) equal parts"
+                f"DemoConfig.curve_points: expected fewer than pretrain_steps ({self.pretrain_steps}), "
+                f"got {self.curve_points}"
             )
         if self.replan_s <= 0 or self.lr <= 0 or self.adapt_lr <= 0:
             raise ValueError("DemoConfig.replan_s, lr and adapt_lr: expected values > 0")
@@ -208,6 +212,7 @@ def _scales() -> dict[str, DemoConfig]:
             adapt_prompt_steps=2,
             adapt_steps=4,
             eval_episodes=1,
+            pre_adaptation_episodes=1,
             untrained_episodes=1,
             pretrain_eval_episodes=1,
             curve_points=1,
@@ -216,12 +221,40 @@ def _scales() -> dict[str, DemoConfig]:
             videos=1,
             replan_s=1.0,
             sample_steps=2,
+            target_s=None,
             budget_s={"generate": 20, "oracle": 5, "pretrain": 5, "adapt": 5, "evaluate": 10, "report": 5},
         ),
         "default": default,
+        # Up to 2 hours on 2 CPU cores: twice the demonstrations, four times the pre-training. Not yet measured.
+        "cpu-long": default.replace(
+            scale="cpu-long",
+            target_s=2 * 3600,
+            episodes=40,
+            heldout_episodes=40,
+            val_episodes=3,
+            pretrain_steps=4800,
+            curve_points=3,
+            curve_episodes=10,
+            adapt_prompt_steps=200,
+            adapt_steps=2000,
+            eval_episodes=50,
+            pre_adaptation_episodes=20,
+            untrained_episodes=10,
+            pretrain_eval_episodes=30,
+            oracle_episodes=4,
+            budget_s={
+                "generate": 480,
+                "oracle": 40,
+                "pretrain": 2400,
+                "adapt": 1800,
+                "evaluate": 900,
+                "report": 10,
+            },
+        ),
         # GPU scales: bigger data, model, images and evaluations; simulation stays on the CPU.
         "small": default.replace(
             scale="small",
+            target_s=None,
             episodes=60,
             heldout_episodes=40,
             val_episodes=4,
@@ -246,6 +279,7 @@ def _scales() -> dict[str, DemoConfig]:
         ),
         "medium": default.replace(
             scale="medium",
+            target_s=None,
             pretrain_sources=(
                 "mw_sawyer:button-press-topdown,drawer-open,pick-place,push",
                 "rs_panda",
@@ -281,6 +315,7 @@ def _scales() -> dict[str, DemoConfig]:
         ),
         "large": default.replace(
             scale="large",
+            target_s=None,
             pretrain_sources=("mw_sawyer", "rs_panda", "rs_ur5e", "rs_iiwa", "so100_bimanual"),
             heldout_source="rs_kinova3",
             episodes=400,
@@ -568,7 +603,7 @@ def _train_config(
     prompt_steps: int,
     checkpoints: int = 1,
 ) -> Any:
-    """The run's TrainConfig; `checkpoints` evenly spaced checkpoints are kept (the last at `steps`)."""
+    """The run's TrainConfig; a checkpoint every `steps // checkpoints` steps and at `steps`, all kept."""
     from xvla.train.config import TrainConfig, from_dict
 
     return from_dict(
@@ -587,7 +622,7 @@ def _train_config(
                 "prompt_warmup_steps": prompt_steps,
                 "lr_scale": {"vlm": cfg.vlm_lr_scale, "soft_prompts": cfg.prompt_lr_scale},
             },
-            "checkpoint": {"every": steps // checkpoints, "keep_last": checkpoints},
+            "checkpoint": {"every": steps // checkpoints, "keep_last": checkpoints + 1},
             "val": {"every": steps, "batches": cfg.val_batches, "sample_steps": cfg.sample_steps},
             "log": {"every": min(cfg.log_every, steps), "progress": rt.progress, "tensorboard": False},
             "steps": steps,
@@ -744,7 +779,7 @@ def evaluate_all(
     untrained = save_untrained(cfg, pretrained, adapted["domain_id"] + 1, rt.out / "untrained")
     conditions: dict[str, tuple[str, int, int]] = {
         "untrained": (str(untrained), adapted["domain_id"], cfg.untrained_episodes),
-        "pre_adaptation": (str(pretrained), adapted["init_domain_id"], cfg.eval_episodes),
+        "pre_adaptation": (str(pretrained), adapted["init_domain_id"], cfg.pre_adaptation_episodes),
         "adapted": (adapted["checkpoint"], adapted["domain_id"], cfg.eval_episodes),
     }
     if "scratch" in results:
@@ -1015,6 +1050,7 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
         ],
         f"| **total** | **{_duration(timing.get('total'))}** | {_duration(sum(budget.values()))} |",
         "",
+        *_target_line(cfg.get("target_s"), timing.get("total")),
         "## Data (scripted experts)",
         "",
         "| source | role | robot | domain | tasks | episodes (val) | frames | rate | expert success | oracle |",
@@ -1308,6 +1344,13 @@ def summary_table(results: Mapping[str, Any], out: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _target_line(target: float | None, total: float | None) -> list[str]:
+    if not target or total is None:
+        return []
+    verdict = "met" if total <= target else f"**missed** by {_duration(total - target)}"
+    return [f"Wall-time target of this scale: {_duration(target)}, {verdict}.", ""]
 
 
 def _fmt(x: float | None) -> str:
