@@ -24,6 +24,8 @@ RESULT_KEYS = {
     "adapt",
     "heldout_eval",
     "pretrain_eval",
+    "learning_curve",
+    "scratch",
     "soft_prompts",
 }
 SUMMARY_KEYS = {"successes", "episodes", "success_rate", "ci95", "mean_steps", "tasks"}
@@ -239,9 +241,12 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
     assert set(results) == RESULT_KEYS
     cfg = SCALES["smoke"]
     held = cfg.heldout_name
-    assert set(results["heldout_eval"]) == {"untrained", "pre_adaptation", "adapted"}
+    assert set(results["heldout_eval"]) == {"untrained", "pre_adaptation", "adapted", "scratch"}
     for summary in results["heldout_eval"].values():
         assert set(summary) >= SUMMARY_KEYS and summary["episodes"] == cfg.eval_episodes
+    # the learning curve: the intermediate checkpoint (step 2 of 4), then the final one, per pre-training source
+    assert set(results["learning_curve"]) == set(cfg.pretrain_names)
+    assert all([p["step"] for p in points] == [2, 4] for points in results["learning_curve"].values())
     assert set(results["data"]) == {*cfg.pretrain_names, held}
     assert set(results["pretrain"]["validation"]["per_source"]) == set(cfg.pretrain_names)
     assert set(results["oracle"]) == {*cfg.pretrain_names, held}

@@ -100,11 +100,11 @@ class DemoConfig:
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
     budget_s: dict[str, float] = field(
         default_factory=lambda: {
-            "generate": 240.0,
-            "oracle": 20.0,
-            "pretrain": 720.0,
-            "adapt": 480.0,
-            "evaluate": 480.0,
+            "generate": 450.0,
+            "oracle": 30.0,
+            "pretrain": 810.0,
+            "adapt": 360.0,
+            "evaluate": 525.0,
             "report": 10.0,
         }
     )
