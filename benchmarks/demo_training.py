@@ -14,7 +14,7 @@ Variants (`VARIANTS`):
 - `previous`: the demo scale before the change: DaViT ending in a 2x2 grid, dropout 0.1 everywhere, batch 16,
   one torch thread (the old "idle cores" rule on a machine that just finished generating), every frame decoded
   from video at every draw.
-- `current`: `DemoConfig()` as it is (4x4 grid, no dropout, batch 32), every core, decoded-frame cache.
+- `current`: `DemoConfig()` as it is (2x2 grid, no dropout, batch 32), every core, decoded-frame cache.
 """
 
 from __future__ import annotations

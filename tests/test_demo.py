@@ -286,9 +286,10 @@ def test_skip_generate_without_data_names_the_missing_source(tmp_path: Path) -> 
         generate_data(SCALES["smoke"], rt)
 
 
-def test_training_threads_use_every_core_whatever_the_load() -> None:
+def test_training_threads_use_every_core_whatever_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
     # The previous rule subtracted the load average, so a run right after data generation trained on 1 of 2
     # cores, and two machines of one kind could pick different thread counts (and so different float sums).
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
     assert demo.default_threads() == len(os.sched_getaffinity(0))
 
 

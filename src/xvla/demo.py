@@ -807,35 +807,21 @@ def evaluate_all(
                 )
             )
     pre_sources = {s.name: s for s in Mixture.load(mixtures["pretrain"]).sources}
-    if cfg.pretrain_eval_episodes:
-        for name, tasks in parse_selection(list(cfg.pretrain_sources)).items():
-            for task in tasks:
-                jobs.append(
-                    _Job(
-                        "eval",
-                        name,
-                        str(pretrained),
-                        {
-                            **common,
-                            "source": pre_sources[name].to_dict(),
-                            "task": task,
-                            "episodes": cfg.pretrain_eval_episodes,
-                        },
-                        "pretrained",
-                    )
-                )
+    # The pre-trained model on every pre-training task: the final checkpoint, then the learning-curve ones.
     curve = results["pretrain"].get("curve_checkpoints", [])
-    if cfg.curve_episodes:
-        for point in curve:
-            for name, tasks in parse_selection(list(cfg.pretrain_sources)).items():
-                for task in tasks:
-                    options = {
-                        **common,
-                        "source": pre_sources[name].to_dict(),
-                        "task": task,
-                        "episodes": cfg.curve_episodes,
-                    }
-                    jobs.append(_Job("eval", name, point["checkpoint"], options, f"curve:{point['step']}"))
+    runs = [(str(pretrained), cfg.pretrain_eval_episodes, "pretrained")] + [
+        (p["checkpoint"], cfg.curve_episodes, f"curve:{p['step']}") for p in curve
+    ]
+    for checkpoint, episodes, label in runs:
+        for name, tasks in parse_selection(list(cfg.pretrain_sources)).items():
+            for task in tasks if episodes else ():
+                options = {
+                    **common,
+                    "source": pre_sources[name].to_dict(),
+                    "task": task,
+                    "episodes": episodes,
+                }
+                jobs.append(_Job("eval", name, checkpoint, options, label))
     outcomes = _run_jobs(jobs, rt, "evaluate")
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job, result in zip(jobs, outcomes, strict=True):
