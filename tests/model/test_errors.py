@@ -90,3 +90,17 @@ def test_bad_injected_draws() -> None:
         small_model(batch, t=torch.zeros(3))
     with pytest.raises(ValueError, match=r"noise: expected shape \(2, 30, 20\)"):
         small_model.generate(batch, noise=torch.zeros(1, 30, 20))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad: float) -> None:
+    small_model = build_small_model()
+    small_model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["transformer.norm.bias"][3] = bad
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors: non-finite values .* 1 tensor\(s\): \['transformer.norm.bias'\]",
+    ):
+        XVLA.from_pretrained(tmp_path)

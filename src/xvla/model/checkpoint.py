@@ -152,7 +152,8 @@ def load_pretrained(
 
 
 def load_state(model: XVLA, state: dict[str, Tensor], source: str) -> None:
-    """Strict load (assigning tensors, so the model may live on the meta device); lists any mismatch."""
+    """Strict load (assigning tensors, so the model may live on the meta device); lists any mismatch and any
+    tensor holding NaN or inf."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -171,6 +172,14 @@ def load_state(model: XVLA, state: dict[str, Tensor], source: str) -> None:
                 )
             )
         raise ValueError(f"{source}: checkpoint does not match the model: " + "; ".join(parts))
+    # One NaN weight makes every action NaN: refuse the file rather than serve or train from it.
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all()))
+    if nonfinite:
+        raise ValueError(
+            f"{source}: non-finite values (NaN or inf) in {len(nonfinite)} tensor(s): {nonfinite[:8]}"
+            + (" ..." if len(nonfinite) > 8 else "")
+            + " (a diverged or corrupted checkpoint)"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: recompute them (they are still on the meta device).
     head = model.transformer
