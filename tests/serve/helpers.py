@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from xvla.data.sources import Source
 from xvla.serve.policy import Policy
@@ -98,6 +100,14 @@ class SlowPolicy:
     def run(self, prepared: list) -> list:  # noqa: ANN001
         time.sleep(self.delay_s)
         return self.inner.run(prepared)
+
+
+def nan_policy(policy: Policy) -> Policy:
+    """`policy` with a copy of its model whose final norm bias is NaN: every action it computes is NaN."""
+    model = copy.deepcopy(policy.model)
+    with torch.no_grad():
+        dict(model.named_parameters())["transformer.norm.bias"].fill_(float("nan"))
+    return Policy(model, policy.tokenizer, source=policy.source, sources=policy.sources, config=policy.config)
 
 
 def fixture_dir(name: str) -> Path:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from xvla.data.transforms import ObservationTransform
-from xvla.serve.policy import Policy, resample_anchors
+from xvla.serve.policy import NonFiniteActionError, Policy, resample_anchors
 from xvla.serve.protocol import RequestError
 
-from .helpers import STEPS, arm_source, raw_obs, robot_obs
+from .helpers import STEPS, arm_source, nan_policy, raw_obs, robot_obs
 
 
 def test_infer_gives_native_actions_at_control_rate(policy: Policy) -> None:
@@ -154,6 +154,10 @@ def test_raw_protocol(raw_policy: Policy) -> None:
         (lambda o: o.update(state=np.full(8, np.nan, np.float32)), "state: contains NaN"),
         (lambda o: o.update(state=np.zeros(6, np.float32)), r"state: expected shape \[8\]"),
         (lambda o: o.update(state=np.zeros(8, np.float32)), "state: quaternion with .*zero norm"),
+        # Finite but extreme: used to pass validation and fail (or NaN) inside the model thread.
+        (lambda o: o["state"].__setitem__(0, 1e20), r"state: canonical proprio\[0\] = 1e\+20 is outside"),
+        (lambda o: o.update(state=np.full(8, 1e300)), r"state\[0\] = 1e\+300 is outside \[-3.403e\+38"),
+        (lambda o: o["state"].__setitem__(1, -3e4), r"state: canonical proprio\[1\] = -3e\+04 is outside"),
         (lambda o: o.update(domain="mars_rover"), "unknown domain 'mars_rover'"),
         (lambda o: o.pop("instruction"), "missing field 'instruction'"),
         (lambda o: o.update(steps=0), "steps: 0 is out of range"),
@@ -177,6 +181,9 @@ def test_bad_robot_requests_name_the_problem(policy: Policy, change, needle: str
             "image2: given without image1",
         ),
         (lambda o: o.update(language_instruction=5), "language_instruction: expected a string"),
+        (lambda o: o.update(proprio=np.full(20, 1e30)), r"proprio\[0\] = 1e\+30 is outside \[-1e\+04"),
+        (lambda o: o.update(proprio=np.full(20, 1e300)), r"proprio\[0\] = 1e\+300 is outside"),
+        (lambda o: o.update(proprio=[10**400] * 20), "proprio: a number is too large to be a float"),
     ],
 )
 def test_bad_raw_requests_name_the_problem(raw_policy: Policy, change, needle: str) -> None:  # noqa: ANN001
@@ -184,6 +191,19 @@ def test_bad_raw_requests_name_the_problem(raw_policy: Policy, change, needle: s
     change(obs)
     with pytest.raises(RequestError, match=needle):
         raw_policy.prepare(obs)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["source", "raw"])
+def test_non_finite_actions_are_never_returned(policy: Policy, raw: bool) -> None:
+    broken = nan_policy(policy.with_source(None) if raw else policy)
+    obs = raw_obs(np.random.default_rng(9)) if raw else robot_obs(np.random.default_rng(9))
+    with pytest.raises(NonFiniteActionError, match="the model produced non-finite actions"):
+        broken.infer(obs)
+    with pytest.raises(NonFiniteActionError, match=r"request 0 of a batch of 2"):
+        broken.infer_batch([obs, obs])
+    with pytest.raises(NonFiniteActionError):
+        broken.step(obs)
+    assert broken._queue == []  # nothing queued for the robot either
 
 
 def test_from_checkpoint_names_unknown_source(checkpoint) -> None:  # noqa: ANN001

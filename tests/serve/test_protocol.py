@@ -72,6 +72,13 @@ def test_field_checks_name_the_field() -> None:
         protocol.integer(99, "domain_id", 0, 7)
     with pytest.raises(RequestError, match="missing field 'state'"):
         protocol.required({}, "state")
+    # Finite in float64, inf in the float32 the model computes in.
+    with pytest.raises(RequestError, match=r"state\[1\] = -1e\+39 is outside \[-3.403e\+38, 3.403e\+38\]"):
+        protocol.vector(np.array([0.0, -1e39]), "state", 2)
+    with pytest.raises(RequestError, match="proprio: a number is too large to be a float"):
+        protocol.vector([10**400, 0], "proprio", 2)  # what json decodes `1e400`-sized integers to
+    with pytest.raises(RequestError, match=r"proprio\[0\] = 20 is outside \[-10, 10\] \(why\)"):
+        protocol.vector([20, 0], "proprio", 2, max_abs=10.0, hint=" (why)")
     np.testing.assert_array_equal(protocol.vector([1, 2.5], "v", 2), [1.0, 2.5])
     assert protocol.integer(np.array([3]), "domain_id", 0, 7) == 3
 

@@ -22,7 +22,7 @@ from xvla.serve.client import PolicyClient, ServerError
 from xvla.serve.policy import Policy
 from xvla.serve.server import ServerConfig, ServerThread
 
-from .helpers import SlowPolicy, raw_obs, robot_obs
+from .helpers import SlowPolicy, nan_policy, raw_obs, robot_obs
 
 
 def _http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -304,3 +304,120 @@ def test_a_model_failure_fails_its_batch_only(raw_policy: Policy) -> None:
             client.infer(raw_obs(np.random.default_rng(23)))
         assert client.infer(raw_obs(np.random.default_rng(23)))["actions"].shape == (30, 20)
         client.close()
+
+
+POISON = 123.0  # proprio[0] of a request that passes validation but breaks the model (see _PoisonPolicy)
+
+
+class _PoisonPolicy(SlowPolicy):
+    """Any batch holding a poisoned request fails, like a model that raises on one sample's values; records the
+    composition of every batch it is given."""
+
+    def __init__(self, inner: Policy) -> None:
+        super().__init__(inner, 0.05)
+        self.batches: list[list[bool]] = []
+
+    def run(self, prepared: list) -> list:  # noqa: ANN001
+        poisoned = [bool(p.proprio[0] == POISON) for p in prepared]
+        self.batches.append(poisoned)
+        if any(poisoned):
+            raise RuntimeError("model blew up on a poisoned sample (simulated)")
+        return super().run(prepared)
+
+
+def _together(n: int, request: Any) -> list[Any]:
+    """Run `request(i)` for i < n on n threads released at once; returns each result or exception."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = request(i)
+        except Exception as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_a_request_that_breaks_its_batch_fails_only_itself(raw_policy: Policy) -> None:
+    policy = _PoisonPolicy(raw_policy)
+    with ServerThread(policy, ServerConfig(port=0, max_batch=8, max_wait_ms=300.0)) as server:
+        clients = [PolicyClient("127.0.0.1", server.port, retries=0) for _ in range(8)]
+
+        def request(i: int) -> dict:
+            obs = raw_obs(np.random.default_rng(40 + i))
+            if i == 3:
+                obs["proprio"][0] = POISON
+            return clients[i].infer(obs)
+
+        results = _together(8, request)
+        for client in clients:
+            client.close()
+    mixed = [b for b in policy.batches if any(b) and not all(b)]
+    assert mixed, policy.batches  # the poisoned request did share a batch with good ones
+    for i, result in enumerate(results):
+        if i == 3:
+            assert isinstance(result, ServerError) and "poisoned sample" in str(result), result
+        else:
+            assert isinstance(result, dict) and result["actions"].shape == (30, 20), (i, result)
+            assert np.isfinite(result["actions"]).all()
+
+
+def test_extreme_values_are_refused_and_other_clients_are_served(robot_server: ServerThread) -> None:
+    """Finite but extreme values (float64 fine, float32 inf, or absurd poses) are 400s naming the field; the
+    good requests sent at the same moment, batched with whatever passes, all succeed."""
+    hostile: list[tuple[str, Any]] = [
+        ("state", 1e20),
+        ("state", 1e38),
+        ("state", 1e300),
+        ("state", -1e10),
+    ]
+
+    def request(i: int) -> Any:
+        obs = robot_obs(np.random.default_rng(50 + i))
+        if i < len(hostile):
+            field, value = hostile[i]
+            obs[field] = obs[field].astype(np.float64)
+            obs[field][i % 3] = value
+        with PolicyClient("127.0.0.1", robot_server.port, api_key="secret", retries=0) as client:
+            return [client.infer(obs) for _ in range(2)]
+
+    results = _together(len(hostile) + 6, request)
+    for i, result in enumerate(results):
+        if i < len(hostile):
+            assert isinstance(result, ServerError), result
+            assert "invalid request: state" in str(result) and "is outside" in str(result), result
+        else:
+            assert isinstance(result, list), (i, result)
+            assert all(np.isfinite(r["actions"]).all() and r["actions"].shape == (20, 7) for r in result)
+
+
+@pytest.mark.parametrize(
+    "proprio",
+    [[1e30] * 20, [10**400] * 20, [1e300] * 20],
+    ids=["float32-range", "huge-int", "float64-only"],
+)
+def test_http_extreme_proprio_is_a_400_naming_the_field(raw_server: ServerThread, proprio: list) -> None:
+    body = json_numpy.dumps({**raw_obs(np.random.default_rng(60)), "proprio": proprio}).encode()
+    status, reply = _http(f"http://127.0.0.1:{raw_server.port}/act", body)
+    assert status == 400, reply
+    assert json.loads(reply)["error"].startswith("proprio"), reply
+
+
+def test_non_finite_actions_are_never_sent(raw_policy: Policy) -> None:
+    with ServerThread(nan_policy(raw_policy), ServerConfig(port=0)) as server:
+        obs = raw_obs(np.random.default_rng(61))
+        status, reply = _http(f"http://127.0.0.1:{server.port}/act", json_numpy.dumps(obs).encode())
+        assert status == 500 and "non-finite actions" in json.loads(reply)["error"], reply
+        assert "action" not in json.loads(reply)
+        with (
+            PolicyClient("127.0.0.1", server.port, retries=0) as client,
+            pytest.raises(ServerError, match="NonFiniteActionError: the model produced non-finite actions"),
+        ):
+            client.infer(obs)

@@ -46,7 +46,15 @@ logger = logging.getLogger(__name__)
 SOURCES_FILE = "sources.json"
 RAW_CAMERAS = ("image0", "image1", "image2")
 MAX_STEPS = 100
+# Canonical proprio is metres, rot6d columns and a 0..1 gripper: beyond this it is a unit or encoding error,
+# and the float32 network turns such values into meaningless or non-finite actions.
+MAX_PROPRIO_ABS = 1e4
+_PROPRIO_HINT = " (canonical poses are metres, rot6d columns and a 0..1 gripper: check the units)"
 ProprioMode = Literal["sensed", "open_loop"]
+
+
+class NonFiniteActionError(RuntimeError):
+    """The model's output for a request holds NaN or inf: it is never sent to a robot."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,7 @@ class Policy:
             raise RequestError(f"state: {err}") from None
         if not np.isfinite(canonical).all():
             raise RequestError("state: gives a non-finite canonical pose (check units and rotation format)")
+        protocol.bounded(canonical, "state: canonical proprio", MAX_PROPRIO_ABS, _PROPRIO_HINT)
         steps = self._steps(obs)
         return Prepared(
             self._inputs(images, instruction, canonical, source.domain_id), steps, canonical, source, state
@@ -279,7 +288,9 @@ class Policy:
             images.append(protocol.image(obs[key], key))
         instruction = protocol.text(protocol.required(obs, "language_instruction"), "language_instruction")
         canonical = (
-            protocol.vector(protocol.required(obs, "proprio"), "proprio", cfg.proprio_dim)
+            protocol.vector(
+                protocol.required(obs, "proprio"), "proprio", cfg.proprio_dim, MAX_PROPRIO_ABS, _PROPRIO_HINT
+            )
             if proprio is None
             else proprio
         )
@@ -335,7 +346,8 @@ class Policy:
 
     @torch.inference_mode()
     def run(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
-        """Batched sampling for validated requests (grouped by step count) -> one reply per request."""
+        """Batched sampling for validated requests (grouped by step count) -> one reply per request.
+        Raises NonFiniteActionError rather than return a reply holding NaN or inf."""
         anchors: list[np.ndarray] = [np.empty(0)] * len(prepared)
         groups: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prepared):
@@ -346,7 +358,16 @@ class Policy:
             chunk = self.model.generate(batch, steps=steps, noise=noise, **self._generate_kwargs)
             for i, a in zip(idx, chunk.float().cpu().numpy(), strict=True):
                 anchors[i] = a
-        return [self._reply(p, a) for p, a in zip(prepared, anchors, strict=True)]
+        replies = [self._reply(p, a) for p, a in zip(prepared, anchors, strict=True)]
+        for i, reply in enumerate(replies):
+            for key, value in reply.items():
+                if isinstance(value, np.ndarray) and not np.isfinite(value).all():
+                    which = f" (request {i} of a batch of {len(replies)})" if len(replies) > 1 else ""
+                    raise NonFiniteActionError(
+                        f"the model produced non-finite {key} (NaN or inf){which}; they are not returned "
+                        "(check the checkpoint's weights and the request's magnitudes)"
+                    )
+        return replies
 
     def _reply(self, p: Prepared, anchors: np.ndarray) -> dict[str, Any]:
         if p.source is None:

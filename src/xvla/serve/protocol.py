@@ -24,6 +24,8 @@ import numpy as np
 _DTYPE_RE = re.compile(r"^[<>|=]?(?:[biuf][1248]|\?)$")
 MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 2000
+# The model computes in float32 (or narrower): a larger value becomes inf there, whatever float64 held.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(ValueError):
@@ -136,20 +138,35 @@ def image(value: Any, name: str) -> np.ndarray:
     )  # decoded buffers are read-only; torch wants writable
 
 
-def vector(value: Any, name: str, dim: int) -> np.ndarray:
-    """A finite real vector of length `dim` (array or list), returned as float64 `[dim]`."""
+def vector(value: Any, name: str, dim: int, max_abs: float = FLOAT32_MAX, hint: str = "") -> np.ndarray:
+    """A finite real vector of length `dim` (array or list) with every |x| <= `max_abs`, as float64 `[dim]`;
+    `hint` ends the out-of-range message (why the bound)."""
     if isinstance(value, (list, tuple)):
         if not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
             raise RequestError(f"{name}: expected a list of {dim} numbers")
-        value = np.asarray(value, dtype=np.float64)
+        try:
+            value = np.asarray(value, dtype=np.float64)
+        except OverflowError:  # a JSON integer such as 10**400
+            raise RequestError(f"{name}: a number is too large to be a float") from None
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
         raise RequestError(f"{name}: expected a numeric array of shape [{dim}], got {type(value).__name__}")
     if value.shape != (dim,):
         raise RequestError(f"{name}: expected shape [{dim}], got {list(value.shape)}")
     out = value.astype(np.float64)
-    if not np.isfinite(out).all():
-        raise RequestError(f"{name}: contains NaN or infinite values")
+    bounded(out, name, max_abs, hint)
     return out
+
+
+def bounded(values: np.ndarray, name: str, max_abs: float, hint: str = "") -> None:
+    """Refuse NaN, inf and any entry with |x| > `max_abs`, naming the first offending index."""
+    if not np.isfinite(values).all():
+        raise RequestError(f"{name}: contains NaN or infinite values")
+    too_big = np.flatnonzero(np.abs(values) > max_abs)
+    if too_big.size:
+        i = int(too_big[0])
+        raise RequestError(
+            f"{name}[{i}] = {values.flat[i]:.4g} is outside [-{max_abs:.4g}, {max_abs:.4g}]{hint}"
+        )
 
 
 def text(value: Any, name: str) -> str:

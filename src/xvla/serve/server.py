@@ -3,7 +3,7 @@
 One asyncio event loop (the `websockets` server) owns the sockets; model work runs in a single worker thread
 fed by a dynamic batcher, so the loop keeps answering pings, health checks and malformed requests while
 the model computes. Concurrent requests that arrive within `max_wait_ms` of each other share one forward pass
-(up to `max_batch`).
+(up to `max_batch`); a request that makes its batch fail is retried alone, so it fails by itself.
 
 WebSocket protocol (wire-compatible with `openpi_client.websocket_client_policy.WebsocketClientPolicy`):
 on connect the server sends the policy metadata (msgpack); each binary msgpack observation is answered with a
@@ -135,30 +135,47 @@ class Batcher:
                     jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            start = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._model, self.policy.run, [j.prepared for j in jobs])
-                if len(results) != len(jobs):
-                    raise RuntimeError(f"policy returned {len(results)} replies for {len(jobs)} requests")
-            except Exception as err:  # a model failure fails this batch, never the server
-                logger.exception("inference failed")
+            await self._infer(loop, jobs)
+
+    async def _infer(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+        """One forward pass for `jobs`, answering their futures. When the batch fails, each request runs again
+        alone, so a request that breaks the model fails by itself and never takes other clients' requests with
+        it (and a model failure fails requests, never the server)."""
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._model, self._run, [j.prepared for j in jobs])
+        except Exception as err:
+            if len(jobs) > 1:
+                logger.warning(
+                    "a batch of %d failed (%s: %s); running its requests one by one",
+                    len(jobs),
+                    type(err).__name__,
+                    err,
+                )
                 for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(
-                            RuntimeError(f"inference failed: {type(err).__name__}: {err}")
-                        )
+                    await self._infer(loop, [job])
+                return
+            logger.exception("inference failed")
+            if not jobs[0].future.done():
+                jobs[0].future.set_exception(RuntimeError(f"inference failed: {type(err).__name__}: {err}"))
+            return
+        infer_ms = (time.perf_counter() - start) * 1000.0
+        for job, result in zip(jobs, results, strict=True):
+            if job.future.done():  # the client went away
                 continue
-            infer_ms = (time.perf_counter() - start) * 1000.0
-            for job, result in zip(jobs, results, strict=True):
-                if job.future.done():  # the client went away
-                    continue
-                timing = {
-                    "prep_ms": job.prep_ms,
-                    "queue_ms": (start - job.enqueued) * 1000.0,
-                    "infer_ms": infer_ms,
-                    "batch_size": len(jobs),
-                }
-                job.future.set_result({**result, "server_timing": timing})
+            timing = {
+                "prep_ms": job.prep_ms,
+                "queue_ms": (start - job.enqueued) * 1000.0,
+                "infer_ms": infer_ms,
+                "batch_size": len(jobs),
+            }
+            job.future.set_result({**result, "server_timing": timing})
+
+    def _run(self, prepared: list[Any]) -> list[dict[str, Any]]:
+        results = self.policy.run(prepared)
+        if len(results) != len(prepared):
+            raise RuntimeError(f"policy returned {len(results)} replies for {len(prepared)} requests")
+        return results
 
     def close(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
