@@ -60,6 +60,13 @@ def test_overrides_are_typed_and_named() -> None:
         demo_config("smoke", ["pretrain_steps=many"])
     with pytest.raises(ValueError, match="scale: unknown 'huge'"):
         demo_config("huge")
+    # Optional fields take a number (YAML 1.1 reads 1e-3 as a string) or null.
+    assert demo_config("smoke", ["ema_decay=1e-3", "target_s=null"]).ema_decay == 1e-3
+    assert demo_config("smoke", ["target_s=null"]).target_s is None
+    with pytest.raises(ValueError, match="ema_decay: expected a number or null"):
+        demo_config("smoke", ["ema_decay=[1]"])
+    with pytest.raises(ValueError, match="ema_decay: expected None or a value in"):
+        demo_config("smoke", ["ema_decay=2"])
 
 
 @pytest.mark.parametrize(
@@ -71,6 +78,7 @@ def test_overrides_are_typed_and_named() -> None:
         ({"adapt_init": "scratch"}, "adapt_init"),
         ({"episodes": 0}, "episodes"),
         ({"budget_s": {"train": 1.0}}, "budget_s"),
+        ({"augment": [1]}, "augment"),
     ],
 )
 def test_invalid_configs_name_the_field(changes: dict[str, Any], message: str) -> None:

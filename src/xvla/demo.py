@@ -64,11 +64,14 @@ class DemoConfig:
     # -- model: an xvla.config preset plus XVLAConfig field overrides (dotted)
     preset: str = "demo"
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"num_views": 2})
+    # training-time image augmentation (`xvla.data.transforms.Augment` fields)
+    augment: dict[str, Any] = field(default_factory=lambda: {"color_jitter": True, "shift_px": 0})
     # -- pre-training
     pretrain_steps: int = 1200
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 50
+    ema_decay: float | None = None  # serve an exponential moving average of the weights (None: the raw ones)
     # The authors train the VLM and prompts at 0.1x because their VLM is pre-trained and their run is 200k
     # steps; this model starts from random weights and trains for minutes, so everything trains at 1x.
     vlm_lr_scale: float = 1.0
@@ -110,7 +113,7 @@ class DemoConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_sources", "model_overrides", "budget_s"):
+        for name in ("pretrain_sources", "model_overrides", "augment", "budget_s"):
             value = getattr(self, name)
             if name == "pretrain_sources" and isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
@@ -168,6 +171,8 @@ class DemoConfig:
                 f"DemoConfig.curve_points: expected fewer than pretrain_steps ({self.pretrain_steps}), "
                 f"got {self.curve_points}"
             )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"DemoConfig.ema_decay: expected None or a value in (0, 1), got {self.ema_decay}")
         if self.replan_s <= 0 or self.lr <= 0 or self.adapt_lr <= 0:
             raise ValueError("DemoConfig.replan_s, lr and adapt_lr: expected values > 0")
         unknown = sorted(set(self.budget_s) - set(STAGES))
@@ -363,6 +368,12 @@ def demo_config(scale: str = "default", overrides: Sequence[str] = ()) -> DemoCo
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         value = yaml.safe_load(raw)
         current = getattr(cfg, key)
+        if current is None or value is None:  # an optional field (`ema_decay`, `target_s`): float or none
+            try:
+                changes[key] = None if value is None else float(value)  # YAML 1.1 reads 1e-3 as a string
+            except (TypeError, ValueError):
+                raise ValueError(f"--set {key}: expected a number or null, got {raw!r}") from None
+            continue
         if isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
             value = float(value)  # YAML 1.1 reads 3e-4 as a string
         if isinstance(current, tuple):
@@ -613,6 +624,7 @@ def _train_config(
             "model": model,
             "data": {
                 "mixture": str(mixture),
+                "augment": dict(cfg.augment),
                 "num_workers": rt.workers if rt.device == "cuda" else 0,
                 "seed": cfg.seed,
             },
@@ -622,7 +634,11 @@ def _train_config(
                 "prompt_warmup_steps": prompt_steps,
                 "lr_scale": {"vlm": cfg.vlm_lr_scale, "soft_prompts": cfg.prompt_lr_scale},
             },
-            "checkpoint": {"every": steps // checkpoints, "keep_last": checkpoints + 1},
+            "checkpoint": {
+                "every": steps // checkpoints,
+                "keep_last": checkpoints + 1,
+                "ema_decay": cfg.ema_decay,
+            },
             "val": {"every": steps, "batches": cfg.val_batches, "sample_steps": cfg.sample_steps},
             "log": {"every": min(cfg.log_every, steps), "progress": rt.progress, "tensorboard": False},
             "steps": steps,
