@@ -189,8 +189,8 @@ def test_dataloader_workers_resume(tmp_path, datasets, monkeypatch):
         train(cfg)
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     train(cfg, resume=True)
-    state = torch.load(
-        checkpointing.checkpoint_path(cfg.output_dir, 4) / "training_state" / "rank_0.pt", weights_only=False
+    state = checkpointing.load_file(
+        checkpointing.checkpoint_path(cfg.output_dir, 4) / "training_state" / "rank_0.pt"
     )
     assert state["data"]["consumed"] == [8, 8]  # 4 batches of 4 samples, round-robin over 2 workers
     resumed, reference = history(tmp_path / "run"), history(tmp_path / "full")

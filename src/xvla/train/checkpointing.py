@@ -3,12 +3,14 @@
 A checkpoint folder is a servable model (`config.json`, `model.safetensors`, tokenizer files, `sources.json`)
 plus `training_state/` (optimiser, scheduler, per-rank RNG and data-sampler state, trainer counters). It is
 written under a temporary name and renamed when complete, so a crash mid-write leaves the previous checkpoint
-as the latest one; `latest_checkpoint` never returns a partial folder.
+as the latest one; `latest_checkpoint` never returns a partial folder. Training-state files are read with
+`weights_only=True` (`load_file`): nothing in a checkpoint is ever unpickled into arbitrary objects.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -90,10 +92,13 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG streams (Python, NumPy, torch CPU and CUDA)."""
+    """This process's RNG streams (Python, NumPy, torch CPU and CUDA), as tensors and plain values only, so the
+    file loads with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -102,11 +107,26 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    numpy_state = state["numpy"]
+    key = np.asarray(numpy_state["state"]["key"].numpy(), dtype=np.uint32)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_file(path: Path, map_location: str | torch.device | None = None) -> Any:
+    """A file written by torch.save, read with weights_only=True: tensors and plain containers only. Full
+    unpickling would run whatever code a crafted file names, on every --resume."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line for line in str(err).splitlines() if "WeightsUnpickler" in line), str(err))
+        raise ValueError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values, so xvla did not "
+            f"write it (tampered with?): {detail.strip()}"
+        ) from None
 
 
 def save_rank_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
@@ -121,7 +141,7 @@ def load_rank_state(checkpoint: Path, rank: int, world_size: int) -> dict[str, A
             f"{checkpoint}: saved by {len(saved)} processes, resumed with {world_size}; exact resume needs the same "
             "number of processes (start a new run from this checkpoint with model.checkpoint instead)"
         )
-    return torch.load(checkpoint / STATE / f"rank_{rank}.pt", weights_only=False)
+    return load_file(checkpoint / STATE / f"rank_{rank}.pt")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -586,21 +586,19 @@ def _load_checkpoint(
     state_dir = folder / ckpt.STATE
     raw = state_dir / "model.pt"
     if raw.is_file():
-        model_state = torch.load(raw, map_location="cpu", weights_only=True)
+        model_state = ckpt.load_file(raw, map_location="cpu")
     else:
         _, model_state, _ = read_checkpoint(folder)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
-    optim_state = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
+    optim_state = ckpt.load_file(state_dir / "optimizer.pt", map_location="cpu")
     # Not strict: parameters frozen until now (prompt warm-up) have no optimiser state yet.
     set_optimizer_state_dict(
         model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True, strict=False)
     )
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
+    scheduler.load_state_dict(ckpt.load_file(state_dir / "scheduler.pt"))
     if ema is not None:
-        ema.load_state_dict(
-            torch.load(state_dir / "ema.pt", map_location=accelerator.device, weights_only=True)
-        )
+        ema.load_state_dict(ckpt.load_file(state_dir / "ema.pt", map_location=accelerator.device))
     rank = ckpt.load_rank_state(folder, accelerator.process_index, accelerator.num_processes)
     dataset.load_state_dict(rank["data"])
     ckpt.set_rng_state(rank["rng"])
