@@ -77,7 +77,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, datasets, monkeyp
     XVLA.from_pretrained(latest)  # loadable
     final = train(cfg, resume=True)
     assert final.is_dir() and checkpointing.latest_checkpoint(cfg.output_dir) == final
-    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
     # keep_last = 2 and the servable files are all there
     assert [p.name for p in checkpointing.list_checkpoints(cfg.output_dir)] == [
         "step_00000003",

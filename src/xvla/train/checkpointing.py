@@ -58,8 +58,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
     """Yield a temporary folder that every rank writes into; it becomes `final` only when all ranks are done.
 
-    On an exception the temporary folder stays behind (and is cleared by the next save); `final` and the
-    older checkpoints are untouched.
+    On an exception the temporary folder stays behind (cleared by the next save and on resume); `final` and
+    the older checkpoints are untouched.
     """
     tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
@@ -84,11 +84,20 @@ def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints, and stale temporary folders."""
-    root = Path(output_dir) / CHECKPOINTS
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old)
-    for tmp in root.glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporaries(output_dir)
+
+
+def remove_temporaries(output_dir: str | Path) -> None:
+    """Delete what an interrupted save leaves in `checkpoints/` (say after kill -9): this module's `.tmp-step_N`
+    and `.tmp-old-step_N`, and inside them `save_pretrained`'s own `..tmp-step_N.<random>` siblings."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for tmp in root.iterdir():
+        if tmp.name.startswith((_TMP_PREFIX, f".{_TMP_PREFIX}")):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -644,6 +644,7 @@ def _claim_output_dir(cfg: TrainConfig, job: Job, accelerator: Accelerator, resu
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temporaries(out)  # left by a run killed mid-save
         _write_json(marker, to_dict(cfg))
         if job.adaptation is not None:
             _write_json(out / ADAPTATION_FILE, job.adaptation)
