@@ -34,9 +34,12 @@ def _pose(angle: float, f: int, length: int) -> np.ndarray:
     return np.array([*xyz, np.sin(half), 0, 0, np.cos(half), float(f > length // 2)], dtype=np.float32)
 
 
-def write_dataset(root: Path, *, episodes: int, length: int, phase: float) -> Path:
+def write_dataset(
+    root: Path, *, episodes: int, length: int, phase: float, action_x: float | None = None
+) -> Path:
     """Episodes of a gripper moving on a circle arc (start angle set by episode and `phase`); the action is the
-    next frame's pose; the image shows a square whose colour encodes the episode and position the frame."""
+    next frame's pose; the image shows a square whose colour encodes the episode and position the frame.
+    `action_x`: every action's x position instead (absurd targets: a dataset in the wrong units)."""
     features = {
         "observation.images.front": {"dtype": "image", "shape": [SIZE, SIZE, 3]},
         "observation.state": {"dtype": "float32", "shape": [8], "names": None},
@@ -55,6 +58,8 @@ def write_dataset(root: Path, *, episodes: int, length: int, phase: float) -> Pa
                     "observation.state": _pose(angle, f, length),
                     "action": _pose(angle + 0.08, min(f + 1, length - 1), length),
                 }
+                if action_x is not None:
+                    frame["action"][0] = action_x
                 writer.add_frame(frame, task=f"task {ep % 2}")
             writer.save_episode()
         writer.finalize()

@@ -12,7 +12,7 @@ from xvla.model.xvla import XVLA
 from xvla.train.checkpointing import STATE, checkpoint_path
 from xvla.train.config import to_dict
 
-from .helpers import adapt_config, make_config, mixture
+from .helpers import adapt_config, make_config, mixture, source_dict, write_dataset
 
 
 def test_train_cli_with_overrides_tensorboard_and_ema(tmp_path, datasets, capsys):
@@ -62,3 +62,13 @@ def test_adapt_cli_shortcuts(tmp_path, datasets, base_checkpoint, capsys):
     out = capsys.readouterr().out
     assert "retrieval for 'arc_b'" in out and "step 1: training vlm, transformer" in out
     assert XVLA.from_pretrained(checkpoint_path(tmp_path / "a", 2)).num_domains == 5
+
+
+def test_diverged_training_is_a_one_line_error(tmp_path, capsys):
+    bad = write_dataset(tmp_path / "bad_units", episodes=2, length=24, phase=0.0, action_x=1e30)
+    data = {"sources": [source_dict("bad_units", 0, bad, targets="action")]}
+    cfg = make_config(tmp_path / "run", data, ("val.every=0",))
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(cfg)))
+    assert main(["train", str(tmp_path / "run.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xvla train: error: step 1: non-finite loss") and "Traceback" not in err

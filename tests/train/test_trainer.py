@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from xvla.model.xvla import XVLA
@@ -15,7 +16,7 @@ from xvla.train import checkpointing, trainer
 from xvla.train.config import ConfigError
 from xvla.train.trainer import build_job, make_accelerator, run, train
 
-from .helpers import make_config, mixture, source_dict
+from .helpers import make_config, mixture, source_dict, write_dataset
 
 
 def history(out: Path) -> dict:
@@ -218,3 +219,44 @@ def test_finetune_from_checkpoint_merges_sources(tmp_path, datasets, base_checkp
     )
     sources = json.loads((train(cfg) / "sources.json").read_text())
     assert {n: s["domain_id"] for n, s in sources.items()} == {"arc_b": 0}
+
+
+def test_absurd_targets_stop_training_at_the_first_non_finite_loss(tmp_path, datasets):
+    """Actions of 1e30 (finite in float32, their squared error is not): training stops at once, naming the step
+    and the sources of the bad samples; no checkpoint is written."""
+    bad = write_dataset(tmp_path / "bad_units", episodes=2, length=24, phase=1.0, action_x=1e30)
+    data = {
+        "sources": [
+            source_dict("arc_a", 0, datasets["arc_a"]),
+            source_dict("bad_units", 1, bad, targets="action"),
+        ]
+    }
+    cfg = make_config(tmp_path / "run", data, ("val.every=0", "optim.prompt_warmup_steps=0"))
+    with pytest.raises(
+        trainer.DivergedError,
+        match=r"step 1: non-finite loss for \d+ sample\(s\) from bad_units x\d+; .*\(batch: arc_a x\d+, "
+        r"bad_units x\d+\); stopped before the optimiser step.*last checkpoint: none",
+    ):
+        train(cfg)
+    assert checkpointing.list_checkpoints(cfg.output_dir) == []
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "history.json").exists()  # no NaN was ever logged
+
+
+def test_a_non_finite_gradient_stops_before_the_next_checkpoint(tmp_path, datasets, monkeypatch):
+    clip = Accelerator.clip_grad_norm_
+    calls = []
+
+    def inf_at_step_5(self, *args, **kwargs):
+        norm = clip(self, *args, **kwargs)
+        calls.append(1)
+        return torch.tensor(float("inf")) if len(calls) == 5 else norm
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", inf_at_step_5)
+    cfg = make_config(tmp_path / "run", mixture(datasets), ("val.every=0",))
+    with pytest.raises(
+        trainer.DivergedError, match=r"step 5: gradient norm inf .*last checkpoint: .*step_00000003"
+    ):
+        train(cfg)
+    assert [p.name for p in checkpointing.list_checkpoints(cfg.output_dir)] == ["step_00000003"]
+    assert history(tmp_path / "run")["step"] == [1, 2, 3, 4]

@@ -86,10 +86,12 @@ def _adapt(args: argparse.Namespace) -> int:
 def _report(go: Callable[[], Path], command: str) -> int:
     from accelerate import PartialState
 
+    from xvla.train.trainer import DivergedError  # the trainer is imported by `go` anyway
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         final = go()
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, DivergedError) as err:
         print(f"xvla {command}: error: {err}", file=sys.stderr)
         return 2
     if PartialState().is_main_process:

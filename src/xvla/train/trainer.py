@@ -388,6 +388,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
                 f"({100 * n_train / total:.2f}%)"
             )
         model.train()
+        per_sample, domains = [], []  # this step's sample losses and their sources (the divergence check)
         for micro in range(cfg.grad_accum):
             raw = next(batches)
             batches_read += 1
@@ -397,7 +398,12 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
                 output = model(batch)
                 accelerator.backward(output.loss / cfg.grad_accum)
             meter.add(output, batch["domain_id"])
+            per_sample.append(output.per_sample.detach())
+            domains.append(batch["domain_id"])
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        _stop_if_diverged(
+            step + 1, torch.cat(per_sample), torch.cat(domains), grad_norm, domain_names, accelerator, out
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -449,6 +455,51 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     bar.close()
     accelerator.end_training()
     return final
+
+
+class DivergedError(RuntimeError):
+    """A non-finite loss or gradient norm: training stops before the weights (and any checkpoint) take it."""
+
+
+def _stop_if_diverged(
+    step: int,
+    per_sample: Tensor,
+    domain_ids: Tensor,
+    grad_norm: Tensor | None,
+    names: dict[int, str],
+    accelerator: Accelerator,
+    out: Path,
+) -> None:
+    """Raise DivergedError, naming the step and the batch's sources, when this step's loss or gradient norm is
+    NaN or inf: one such optimiser step makes every weight non-finite, and every later checkpoint with it.
+    Costs one tiny all-reduce (every rank stops at the same step) and one device sync per step."""
+    bad_loss = ~torch.isfinite(per_sample)
+    norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=per_sample.device).float()
+    flags = torch.stack([bad_loss.any().float(), (~torch.isfinite(norm)).float()])
+    if not bool(accelerator.reduce(flags, reduction="sum").any()):
+        return
+
+    def sources(mask: Tensor) -> str:
+        ids, counts = domain_ids[mask].unique(return_counts=True)
+        return ", ".join(
+            f"{names.get(int(i), f'domain {int(i)}')} x{int(n)}" for i, n in zip(ids, counts, strict=True)
+        )
+
+    problems = []
+    if bool(bad_loss.any()):
+        problems.append(f"non-finite loss for {int(bad_loss.sum())} sample(s) from {sources(bad_loss)}")
+    if not bool(torch.isfinite(norm)):
+        problems.append(f"gradient norm {float(norm)}")
+    where = ""
+    if accelerator.num_processes > 1:
+        where = f" on rank {accelerator.process_index}"
+        problems = problems or ["another rank's loss was non-finite"]
+    latest = ckpt.latest_checkpoint(out)
+    raise DivergedError(
+        f"step {step}{where}: {'; '.join(problems)} (batch: {sources(torch.ones_like(bad_loss))}); stopped before "
+        f"the optimiser step, so no weights or checkpoint hold NaN; last checkpoint: {latest or 'none'}. Look for "
+        "absurd magnitudes in those sources' actions and states (`xvla data inspect`), or lower optim.lr"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ validation
