@@ -497,8 +497,8 @@ def _stop_if_diverged(
     latest = ckpt.latest_checkpoint(out)
     raise DivergedError(
         f"step {step}{where}: {'; '.join(problems)} (batch: {sources(torch.ones_like(bad_loss))}); stopped before "
-        f"the optimiser step, so no weights or checkpoint hold NaN; last checkpoint: {latest or 'none'}. Look for "
-        "absurd magnitudes in those sources' actions and states (`xvla data inspect`), or lower optim.lr"
+        f"the optimiser step, so no weights or checkpoint hold NaN; last checkpoint: {latest or 'none'}. Check "
+        "those sources' actions and states for absurd magnitudes (wrong units), or lower optim.lr"
     )
 
 
