@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -16,11 +17,13 @@ import json_numpy
 import numpy as np
 import pytest
 
+from xvla.cli import build_parser
 from xvla.cli import main as xvla_main
 from xvla.data.lerobot_writer import LeRobotV3Writer
 from xvla.data.sources import Mixture
 from xvla.model.tokenizer import build_tokenizer
-from xvla.serve.client import PolicyClient
+from xvla.serve import cli as serve_cli
+from xvla.serve.client import PolicyClient, ServerError
 from xvla.serve.policy import Policy
 from xvla.serve.replay import replay
 from xvla.serve.server import ServerConfig, ServerThread
@@ -187,3 +190,48 @@ def test_authors_layout_checkpoint_served_directly(tmp_path: Path) -> None:
             action = np.asarray(json.loads(r.read())["action"])
     assert action.shape == (30, 20) and np.isfinite(action).all()
     np.testing.assert_allclose(action, policy.infer(obs)["actions"], atol=1e-4)
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", "ckpt", *argv])
+
+
+def test_api_key_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """The key need not be on the command line, where every user sees it in the process list."""
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert serve_cli.api_key(_serve_args("--api-key-file", str(key_file)), {}) == "s3cret"
+    assert serve_cli.api_key(_serve_args(), {"XVLA_API_KEY": "from-env"}) == "from-env"
+    assert serve_cli.api_key(_serve_args("--api-key", "flag"), {"XVLA_API_KEY": "from-env"}) == "flag"
+    assert serve_cli.api_key(_serve_args(), {}) is None
+    with pytest.raises(ValueError, match=rf"--api-key-file {tmp_path / 'nope'}: cannot read it"):
+        serve_cli.api_key(_serve_args("--api-key-file", str(tmp_path / "nope")), {})
+    (tmp_path / "blank").write_text("  \n")
+    with pytest.raises(ValueError, match="blank: the API key is empty"):
+        serve_cli.api_key(_serve_args("--api-key-file", str(tmp_path / "blank")), {})
+    with pytest.raises(ValueError, match=r"\$XVLA_API_KEY: the API key is empty"):
+        serve_cli.api_key(_serve_args(), {"XVLA_API_KEY": ""})
+    with pytest.raises(SystemExit):  # one source per command line
+        _serve_args("--api-key", "a", "--api-key-file", str(key_file))
+    with pytest.raises(ValueError, match="api_key: empty"):
+        ServerConfig(api_key=" ")
+
+
+def test_serve_enforces_the_key_from_the_environment(
+    tmp_path: Path, policy: Policy, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xvla.serve import server
+
+    configs: list[ServerConfig] = []
+    monkeypatch.setattr(serve_cli, "_policy", lambda args, source: policy)
+    monkeypatch.setattr(server, "run_server", lambda policy, config: configs.append(config))
+    monkeypatch.setenv("XVLA_API_KEY", "from-env")
+    assert xvla_main(["serve", "ckpt", "--port", "0"]) == 0
+    with ServerThread(policy, configs[0]) as running:
+        with pytest.raises(ServerError, match="401"):
+            PolicyClient("127.0.0.1", running.port, api_key="wrong", retries=0)
+        with PolicyClient("127.0.0.1", running.port, api_key="from-env") as client:
+            assert client.infer(robot_obs(np.random.default_rng(31)))["actions"].shape == (20, 7)
+    monkeypatch.setenv("XVLA_API_KEY", "")
+    assert xvla_main(["serve", "ckpt"]) == 2
+    assert "xvla serve: error: $XVLA_API_KEY: the API key is empty" in capsys.readouterr().err

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+API_KEY_ENV = "XVLA_API_KEY"  # the key without putting it on the command line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8010)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Api-Key KEY' (default: none)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Api-Key KEY' (visible in the process list: prefer --api-key-file or "
+        f"${API_KEY_ENV}; default: no key)",
+    )
+    key.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
     p.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others"
@@ -78,22 +90,52 @@ def _policy(args: argparse.Namespace, source: str | None):
     )
 
 
+def api_key(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The server's API key: --api-key, else the first line of --api-key-file, else $XVLA_API_KEY, else None.
+    An empty key is an error, never "no key"."""
+    if args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as err:
+            raise ValueError(f"--api-key-file {path}: cannot read it ({err.strerror})") from None
+        key, where = (lines[0] if lines else ""), f"--api-key-file {path}"
+    elif API_KEY_ENV in environ:
+        key, where = environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise ValueError(f"{where}: the API key is empty (unset it to serve without a key)")
+    return key
+
+
 def _serve(args: argparse.Namespace) -> int:
     from xvla.serve.server import ServerConfig, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        key = api_key(args)
+    except ValueError as err:
+        print(f"xvla serve: error: {err}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=key,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_message_mb=args.max_message_mb,
     )
     policy = _policy(args, args.source)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         logging.warning(
-            "serving on %s without --api-key: anyone who can reach this port can drive the robot", args.host
+            "serving on %s without an API key (--api-key-file, $%s): anyone who can reach this port can drive "
+            "the robot",
+            args.host,
+            API_KEY_ENV,
         )
     run_server(policy, config)
     return 0

@@ -63,6 +63,8 @@ class ServerConfig:
     open_timeout_s: float = 30.0  # covers a POST /act waiting for its inference
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key: empty (None serves without a key)")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
