@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -421,3 +422,34 @@ def test_non_finite_actions_are_never_sent(raw_policy: Policy) -> None:
             pytest.raises(ServerError, match="NonFiniteActionError: the model produced non-finite actions"),
         ):
             client.infer(obs)
+
+
+def _raw_http(port: int, data: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes the connection."""
+    import socket
+
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_http_edge_cases_get_answers_and_no_internal_errors(
+    raw_server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = json_numpy.dumps(raw_obs(np.random.default_rng(62))).encode()
+    head = f"POST /act HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with caplog.at_level(logging.DEBUG):
+        put = _raw_http(raw_server.port, b"PUT /act HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        delete = _raw_http(raw_server.port, b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        # One request per connection: bytes after the body (garbage or a pipelined request) are ignored.
+        trailing = [_raw_http(raw_server.port, head + body + extra) for extra in (b"GARBAGE", head)]
+    assert put.startswith(b"HTTP/1.1 405") and b"\r\nAllow: POST\r\n" in put, put
+    assert delete.startswith(b"HTTP/1.1 405") and b"\r\nAllow: GET\r\n" in delete, delete
+    for reply in trailing:
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+        assert np.asarray(json.loads(reply.split(b"\r\n\r\n", 1)[1])["action"]).shape == (30, 20)
+    internal = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not internal, [r.getMessage() for r in internal]

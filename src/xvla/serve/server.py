@@ -29,7 +29,6 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response, parse_headers, parse_line
-from websockets.protocol import Protocol as _FrameProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -185,28 +184,29 @@ class Batcher:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# HTTP POST support inside the websockets server
+# HTTP requests with bodies inside the websockets server
 
 
 @dataclasses.dataclass
-class _PostRequest(Request):
+class _BodyRequest(Request):
     body: bytes = b""
 
 
-class _PostServerProtocol(ServerProtocol):
-    """websockets' handshake parser refuses request bodies; this one also reads `POST` bodies (<= max_size)
-    and hands them to `process_request` as a `_PostRequest`. Every other request goes the usual way."""
+class _BodyServerProtocol(ServerProtocol):
+    """websockets' handshake parser refuses request bodies; this one reads every request that is not a `GET`
+    (`POST /act`, but also a stray `PUT`, so it gets a 405 rather than a dropped connection) with its body
+    (<= max_size) and hands it to `process_request` as a `_BodyRequest`. `GET`s go the usual way."""
 
     def parse(self) -> Generator[None, None, None]:
         if self.state is State.CONNECTING:
-            while len(self.reader.buffer) < 5 and not self.reader.eof:
+            while len(self.reader.buffer) < 4 and not self.reader.eof:
                 yield
-            if bytes(self.reader.buffer[:5]) == b"POST ":
-                yield from self._parse_post()
+            if bytes(self.reader.buffer[:4]) != b"GET ":
+                yield from self._parse_with_body()
                 return
         yield from super().parse()
 
-    def _parse_post(self) -> Generator[None, None, None]:
+    def _parse_with_body(self) -> Generator[None, None, None]:
         limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # older name
         try:
             method, path, version = bytes((yield from parse_line(self.reader.read_line))).split(b" ", 2)
@@ -233,7 +233,7 @@ class _PostServerProtocol(ServerProtocol):
             yield
             return
         self.events.append(
-            _PostRequest(
+            _BodyRequest(
                 path=path.decode("ascii", "replace"),
                 headers=headers,
                 method=method.decode("ascii", "replace"),
@@ -241,13 +241,18 @@ class _PostServerProtocol(ServerProtocol):
                 body=bytes(body),
             )
         )
-        yield from _FrameProtocol.parse(self)
+        # One request per connection (the reply closes it): bytes after the body are ignored, never parsed as
+        # WebSocket frames of a connection that was never opened. send_response then replaces this parser.
+        while not (yield from self.reader.at_eof()):
+            self.reader.discard()
+        while True:
+            yield
 
 
 class _Connection(ServerConnection):
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         # No bytes have arrived yet (asyncio calls connection_made after the factory): restart the parser.
-        protocol.__class__ = _PostServerProtocol
+        protocol.__class__ = _BodyServerProtocol
         protocol.parser = protocol.parse()
         next(protocol.parser)
         super().__init__(protocol, *args, **kwargs)
@@ -315,12 +320,18 @@ class PolicyServer:
             return conn.respond(
                 HTTPStatus.UNAUTHORIZED, "missing or wrong API key (send 'Authorization: Api-Key <key>')\n"
             )
-        if isinstance(request, _PostRequest):
-            if path != "/act":
+        if isinstance(request, _BodyRequest):
+            if request.method == "POST" and path == "/act":
+                return await self._act(conn, request.body)
+            if request.method == "POST":
                 return conn.respond(HTTPStatus.NOT_FOUND, f"no POST route {path!r}; POST /act\n")
-            return await self._act(conn, request.body)
-        if request.method != "GET":
-            return conn.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"method {request.method} not allowed\n")
+            allowed = "GET" if path == "/healthz" else "POST" if path == "/act" else "GET, POST"
+            response = conn.respond(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                f"method {request.method} not allowed; POST /act, GET /healthz or a WebSocket GET\n",
+            )
+            response.headers["Allow"] = allowed
+            return response
         return None  # WebSocket handshake (any path, as openpi's server)
 
     async def _act(self, conn: ServerConnection, body: bytes) -> Response:
