@@ -133,8 +133,8 @@ def load_file(path: Path, map_location: str | torch.device | None = None) -> Any
     except pickle.UnpicklingError as err:
         detail = next((line for line in str(err).splitlines() if "WeightsUnpickler" in line), str(err))
         raise ValueError(
-            f"{path}: refused to load: it holds objects other than tensors and plain values, so xvla did not "
-            f"write it (tampered with?): {detail.strip()}"
+            f"{path}: refused to load: it holds objects other than tensors and plain values (written before "
+            f"xvla stored NumPy RNG state as tensors, or tampered with): {detail.strip()}"
         ) from None
 
 
