@@ -105,11 +105,11 @@ class DemoConfig:
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
     budget_s: dict[str, float] = field(
         default_factory=lambda: {
-            "generate": 450.0,
+            "generate": 300.0,
             "oracle": 30.0,
-            "pretrain": 810.0,
-            "adapt": 360.0,
-            "evaluate": 525.0,
+            "pretrain": 660.0,
+            "adapt": 330.0,
+            "evaluate": 540.0,
             "report": 10.0,
         }
     )
