@@ -84,17 +84,9 @@ def evaluate_adapted(cfg: demo.DemoConfig, rt: demo.Runtime, mixture: Path, adap
     from xvla.sim.suite import parse_selection
 
     (held,) = Mixture.load(mixture).sources
-    source = dataclasses.replace(held, domain_id=adapted["domain_id"]).to_dict()
-    common = {"image_size": cfg.image_size, "replan_s": cfg.replan_s, "steps": cfg.sample_steps}
-    options = {
-        **common,
-        "seed": cfg.seed,
-        "device": rt.device,
-        "source": source,
-        "episodes": cfg.eval_episodes,
-    }
+    source = dataclasses.replace(held, domain_id=adapted["domain_id"])
     (tasks,) = parse_selection([cfg.heldout_source]).values()
-    jobs = [demo._Job("eval", held.name, adapted["checkpoint"], {**options, "task": t}) for t in tasks]
+    jobs = demo.eval_jobs(cfg, rt, source, tasks, adapted["checkpoint"], cfg.eval_episodes)
     return demo.merge_evaluations(demo._run_jobs(jobs, rt, "evaluate held-out"))
 
 
@@ -107,22 +99,10 @@ def evaluate_pretrained(
     from xvla.sim.suite import parse_selection
 
     sources = {s.name: s for s in Mixture.load(mixture).sources}
-    common = {
-        "image_size": cfg.image_size,
-        "replan_s": cfg.replan_s,
-        "steps": cfg.sample_steps,
-        "seed": cfg.seed,
-        "device": rt.device,
-    }
     jobs = [
-        demo._Job(
-            "eval",
-            name,
-            str(checkpoint),
-            {**common, "source": sources[name].to_dict(), "task": task, "episodes": episodes},
-        )
+        job
         for name, tasks in parse_selection(list(cfg.pretrain_sources)).items()
-        for task in tasks
+        for job in demo.eval_jobs(cfg, rt, sources[name], tasks, str(checkpoint), episodes)
     ]
     grouped: dict[str, list[dict[str, Any]]] = {}
     for job, result in zip(jobs, demo._run_jobs(jobs, rt, "evaluate"), strict=True):

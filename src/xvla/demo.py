@@ -69,8 +69,8 @@ class DemoConfig:
     # -- pre-training
     pretrain_steps: int = 1200
     batch_size: int = 32
-    # 1e-3 measured against 5e-4 on the default scale (docs/demo.md): 47/120 vs 42/120 on the pre-training tasks,
-    # Panda 11/20 vs 0/20, held-out Kinova3 adapted 13/40 vs 2/40; at 5e-4 the loss was still falling at the end.
+    # 1e-3 measured against 5e-4 in closed loop (docs/demo.md): the default run reached 54/120 vs 42/120 on the
+    # pre-training tasks (Panda 13/20 vs 0/20); at 5e-4 the loss was still falling at the last step.
     lr: float = 1e-3
     warmup_steps: int = 50
     ema_decay: float | None = None  # serve an exponential moving average of the weights (None: the raw ones)
@@ -804,28 +804,12 @@ def evaluate_all(
     }
     if "scratch" in results:
         conditions["scratch"] = (results["scratch"]["checkpoint"], held.domain_id, cfg.eval_episodes)
-    common = {
-        "image_size": cfg.image_size,
-        "replan_s": cfg.replan_s,
-        "steps": cfg.sample_steps,
-        "seed": cfg.seed,
-        "device": rt.device,
-    }
     jobs = []
     (held_tasks,) = parse_selection([cfg.heldout_source]).values()
     for label, (checkpoint, domain, episodes) in conditions.items():
-        source = dataclasses.replace(held, domain_id=domain).to_dict()
-        for task in held_tasks if episodes else ():
-            videos = {"video_dir": str(rt.out / "videos"), "videos": cfg.videos} if label == "adapted" else {}
-            jobs.append(
-                _Job(
-                    "eval",
-                    held.name,
-                    checkpoint,
-                    {**common, "source": source, "task": task, "episodes": episodes, **videos},
-                    label,
-                )
-            )
+        videos = {"video_dir": str(rt.out / "videos"), "videos": cfg.videos} if label == "adapted" else {}
+        source = dataclasses.replace(held, domain_id=domain)
+        jobs += eval_jobs(cfg, rt, source, held_tasks, checkpoint, episodes, label, **videos)
     pre_sources = {s.name: s for s in Mixture.load(mixtures["pretrain"]).sources}
     # The pre-trained model on every pre-training task: the final checkpoint, then the learning-curve ones.
     curve = results["pretrain"].get("curve_checkpoints", [])
@@ -834,14 +818,7 @@ def evaluate_all(
     ]
     for checkpoint, episodes, label in runs:
         for name, tasks in parse_selection(list(cfg.pretrain_sources)).items():
-            for task in tasks if episodes else ():
-                options = {
-                    **common,
-                    "source": pre_sources[name].to_dict(),
-                    "task": task,
-                    "episodes": episodes,
-                }
-                jobs.append(_Job("eval", name, checkpoint, options, label))
+            jobs += eval_jobs(cfg, rt, pre_sources[name], tasks, checkpoint, episodes, label)
     outcomes = _run_jobs(jobs, rt, "evaluate")
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job, result in zip(jobs, outcomes, strict=True):
@@ -875,6 +852,31 @@ def evaluate_all(
     }
     _write_json(rt.out / "eval" / "episodes.json", {f"{k[0]}/{k[1]}": v for k, v in grouped.items()})
     return {"heldout": heldout, "pretrain": pre, "learning_curve": learning_curve}
+
+
+def eval_jobs(
+    cfg: DemoConfig,
+    rt: Runtime,
+    source: Any,
+    tasks: Sequence[str],
+    checkpoint: str,
+    episodes: int,
+    label: str = "",
+    **extra: Any,
+) -> list[_Job]:
+    """One closed-loop evaluation job per task of `source` (an `xvla.data.sources.Source`) with the scale's
+    evaluation settings (none when `episodes` is 0); `extra` goes into the job options (video_dir, videos)."""
+    options = {
+        "image_size": cfg.image_size,
+        "replan_s": cfg.replan_s,
+        "steps": cfg.sample_steps,
+        "seed": cfg.seed,
+        "device": rt.device,
+        "source": source.to_dict(),
+        "episodes": episodes,
+        **extra,
+    }
+    return [_Job("eval", source.name, checkpoint, {**options, "task": t}, label) for t in tasks if episodes]
 
 
 def merge_evaluations(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
