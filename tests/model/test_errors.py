@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -104,3 +106,17 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad: float) 
         match=r"model.safetensors: non-finite values .* 1 tensor\(s\): \['transformer.norm.bias'\]",
     ):
         XVLA.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_weights_are_a_one_line_error_naming_the_file(tmp_path, damage: str) -> None:
+    """safetensors' own message ("Error while deserializing header") does not say which file (issue 14 D13)."""
+    build_small_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
+    with pytest.raises(
+        ValueError, match="^" + re.escape(f"{weights}: corrupt or truncated safetensors file")
+    ) as info:
+        XVLA.from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)

@@ -168,9 +168,47 @@ def test_xvla_serve_wiring(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert client.infer(robot_obs(np.random.default_rng(32)))["actions"].shape == (10, 7)
 
 
-def test_serve_rejects_unknown_source(checkpoint: Path) -> None:
-    with pytest.raises(ValueError, match="source 'nope'"):
-        xvla_main(["serve", str(checkpoint), "--source", "nope", "--device", "cpu"])
+def test_serve_rejects_unknown_source(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert xvla_main(["serve", str(checkpoint), "--source", "nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xvla serve: error: ") and "source 'nope'" in err and err.count("\n") == 1
+
+
+def test_a_typo_d_checkpoint_path_is_not_found_and_never_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`xvla serve runs/typo_ckpt` next to a `runs/` folder: a one-line "not found", no hub lookup (issue 14 D16)."""
+    import huggingface_hub
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("snapshot_download called for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for command in ("serve", "replay"):
+        extra = ["--mixture", "m.json"] if command == "replay" else []
+        for name in ("runs/typo_ckpt", "./typo", "~/typo_ckpt"):
+            assert xvla_main([command, name, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"xvla {command}: error: not found: {name} (") and err.count("\n") == 1
+
+
+def test_a_corrupt_weights_file_is_a_one_line_error_naming_it(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated model.safetensors is named, not a safetensors traceback (issue 14 D13)."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert xvla_main(["serve", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xvla serve: error: {weights}: corrupt or truncated safetensors file (")
+    assert err.count("\n") == 1
+    (folder / "config.json").write_text("{not json")
+    assert xvla_main(["serve", str(folder), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"xvla serve: error: {folder / 'config.json'}: corrupt JSON (")
 
 
 def test_authors_layout_checkpoint_served_directly(tmp_path: Path) -> None:

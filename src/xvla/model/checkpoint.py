@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -60,14 +61,44 @@ def save_pretrained(model: XVLA, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- loading
+# A hub id is `owner/name`, each part letters, digits, "-", "_" or "." (the hub's own rule, simplified).
+_HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def local_reason(path_or_hub_id: str | Path) -> str | None:
+    """Why `path_or_hub_id` must be a local path and not a hub id, or None when it could be a hub id.
+
+    A typo'd local path must fail as "not found", never reach the hub: anything that starts like a path, has a
+    separator other than the one `/`, a part the hub would refuse, or whose owner part is a local folder
+    (`runs/typo_ckpt` next to a `runs/`) is local.
+    """
+    text = str(path_or_hub_id)
+    if isinstance(path_or_hub_id, Path):
+        return "it is a Path"
+    if text.startswith((".", "/", "~")):
+        return f"it starts with {text[0]!r}"
+    if "\\" in text or text.count("/") != 1:
+        return "a hub id is owner/name"
+    owner, name = text.split("/")
+    if not (_HUB_PART.fullmatch(owner) and _HUB_PART.fullmatch(name)) or ".." in text or "--" in text:
+        return "a hub id's parts are letters, digits, '-', '_' or '.'"
+    if Path(owner).is_dir():
+        return f"{owner}/ is a local folder"
+    return None
+
+
 def resolve_folder(path_or_hub_id: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is treated as a Hugging Face hub id and downloaded."""
-    path = Path(path_or_hub_id)
+    """A local folder as is; a hub id (`owner/name`, see `local_reason`) is downloaded; anything else that does
+    not exist is a FileNotFoundError "not found: PATH"."""
+    path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).startswith((".", "/")) or str(path_or_hub_id).count("/") != 1:
+    if path.exists():
+        raise FileNotFoundError(f"not found: {path_or_hub_id} (a file, expected a checkpoint folder)")
+    reason = local_reason(path_or_hub_id)
+    if reason is not None:
         raise FileNotFoundError(
-            f"checkpoint {str(path_or_hub_id)!r}: not a folder and not a hub id (owner/name)"
+            f"not found: {path_or_hub_id} (no such checkpoint folder; not a hub id: {reason})"
         )
     from huggingface_hub import snapshot_download
 
@@ -91,7 +122,7 @@ def detect_layout(raw_config: dict[str, Any]) -> Layout:
 
 def read_config(path: str | Path) -> XVLAConfig:
     """XVLAConfig from a config.json of any supported layout."""
-    raw = json.loads(Path(path).read_text())
+    raw = read_json(Path(path))
     layout = detect_layout(raw)
     if layout == "xvla":
         return XVLAConfig.from_dict(raw)
@@ -103,7 +134,7 @@ def read_checkpoint(folder: Path) -> tuple[XVLAConfig, dict[str, Tensor], Layout
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"checkpoint {folder}: missing {CONFIG_NAME}")
-    layout = detect_layout(json.loads(cfg_path.read_text()))
+    layout = detect_layout(read_json(cfg_path))
     config = read_config(cfg_path)
     state = read_weights(folder)
     if layout == "lerobot":
@@ -117,14 +148,37 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json. Read with safetensors directly:
     LeRobot's files lack the "format" metadata that transformers' loader insists on."""
     if (folder / WEIGHTS_NAME).is_file():
-        return load_file(str(folder / WEIGHTS_NAME))
+        return _load_safetensors(folder / WEIGHTS_NAME)
     index = folder / INDEX_NAME
     if not index.is_file():
         raise FileNotFoundError(f"checkpoint {folder}: missing {WEIGHTS_NAME} (or {INDEX_NAME})")
     state: dict[str, Tensor] = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(load_file(str(folder / shard)))
+    try:
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index}: expected a 'weight_map' of tensor name -> shard file ({err!r})") from None
+    for shard in shards:
+        state.update(_load_safetensors(folder / shard))
     return state
+
+
+def read_json(path: Path) -> Any:
+    """A checkpoint JSON file; a corrupt one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: corrupt JSON ({err})") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file; a truncated or corrupt one is a one-line error naming it (safetensors' own message
+    does not)."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {path} (a weight shard listed in {INDEX_NAME})") from None
+    except SafetensorError as err:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({err})") from None
 
 
 def load_pretrained(

@@ -35,8 +35,16 @@ _DEFAULT_TEXTS = (
 
 
 def load_tokenizer(path_or_hub_id: str | Path) -> PreTrainedTokenizerBase:
-    """AutoTokenizer from a checkpoint folder (tokenizer files saved next to the weights) or a hub id."""
-    return AutoTokenizer.from_pretrained(str(path_or_hub_id))
+    """AutoTokenizer from a checkpoint folder (tokenizer files saved next to the weights) or a hub id; a
+    path-like name that does not exist is "not found", never looked up on the hub."""
+    from xvla.model.checkpoint import local_reason
+
+    path = Path(path_or_hub_id).expanduser()
+    if not path.exists() and (reason := local_reason(path_or_hub_id)) is not None:
+        raise FileNotFoundError(
+            f"not found: {path_or_hub_id} (no such tokenizer folder; not a hub id: {reason})"
+        )
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(path_or_hub_id))
 
 
 def build_tokenizer(

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 API_KEY_ENV = "XVLA_API_KEY"  # the key without putting it on the command line
+# Loading errors whose message names the file or field (a missing folder, corrupt weights, a bad source);
+# anything else keeps its traceback.
+LOAD_ERRORS = (FileNotFoundError, ValueError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,7 +132,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_message_mb=args.max_message_mb,
     )
-    policy = _policy(args, args.source)
+    try:
+        policy = _policy(args, args.source)
+    except LOAD_ERRORS as err:
+        print(f"xvla serve: error: {err}", file=sys.stderr)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         logging.warning(
             "serving on %s without an API key (--api-key-file, $%s): anyone who can reach this port can drive "
@@ -145,7 +152,11 @@ def _replay(args: argparse.Namespace) -> int:
     from xvla.data.sources import Mixture
     from xvla.serve.replay import format_report, replay
 
-    policy = _policy(args, None)
+    try:
+        policy = _policy(args, None)
+    except LOAD_ERRORS as err:
+        print(f"xvla replay: error: {err}", file=sys.stderr)
+        return 2
     report = replay(
         policy,
         Mixture.load(args.mixture),
