@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
+from torch._utils import ExceptionWrapper
 
 from xvla.cli import main
+from xvla.data.mixture import MixtureDataError
 from xvla.model.xvla import XVLA
 from xvla.train.checkpointing import STATE, checkpoint_path
+from xvla.train.cli import one_line
 from xvla.train.config import to_dict
 
 from .helpers import adapt_config, make_config, mixture, source_dict, write_dataset
@@ -72,3 +76,35 @@ def test_diverged_training_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", str(tmp_path / "run.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("xvla train: error: step 1: non-finite loss") and "Traceback" not in err
+
+
+def test_bad_data_is_a_one_line_error(tmp_path, datasets, capsys):
+    """A MixtureDataError (here a camera key the dataset lacks) is `xvla train: error: ...` (issue 14 D13)."""
+    data = {
+        "sources": [source_dict("arc_a", 0, datasets["arc_a"], cameras=[{"key": "observation.images.top"}])]
+    }
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(make_config(tmp_path / "run", data))))
+    assert main(["train", str(tmp_path / "run.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "xvla train: error: source 'arc_a': cameras[0]: key 'observation.images.top' is not in"
+    )
+    assert err.count("\n") == 1
+
+
+def test_an_error_from_a_dataloader_worker_is_its_own_message() -> None:
+    """torch re-raises a worker's error with the worker's whole traceback as the message; print its last line."""
+    try:
+        try:
+            raise OSError("disk")
+        except OSError as cause:
+            raise MixtureDataError("source 'a': dataset /d: episode 3, frame 7: corrupt video") from cause
+    except MixtureDataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(MixtureDataError) as info:
+        wrapped.reraise()
+    assert "Traceback" in str(info.value)
+    assert one_line(info.value) == (
+        "source 'a': dataset /d: episode 3, frame 7: corrupt video (in a DataLoader worker)"
+    )
+    assert one_line(ValueError("plain")) == "plain"

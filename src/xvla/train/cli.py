@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from xvla.data.mixture import MixtureDataError
 from xvla.data.sources import SourceError
 from xvla.train.config import AdaptConfig, ConfigError, TrainConfig, load_config
 
 # Errors whose message says everything; anything else keeps its traceback.
-USER_ERRORS = (ConfigError, SourceError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, SourceError, MixtureDataError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +84,17 @@ def _adapt(args: argparse.Namespace) -> int:
     return _report(go, "adapt")
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (torch puts the worker's whole traceback
+    in the message) the worker's own message, which is its traceback's last line."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return (last[len(prefix) :] if last.startswith(prefix) else last) + " (in a DataLoader worker)"
+
+
 def _report(go: Callable[[], Path], command: str) -> int:
     from accelerate import PartialState
 
@@ -92,7 +104,7 @@ def _report(go: Callable[[], Path], command: str) -> int:
     try:
         final = go()
     except (*USER_ERRORS, DivergedError) as err:
-        print(f"xvla {command}: error: {err}", file=sys.stderr)
+        print(f"xvla {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     if PartialState().is_main_process:
         print(f"final checkpoint: {final}")
