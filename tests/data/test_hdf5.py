@@ -209,3 +209,17 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="cannot tell the dataset format"):
         open_dataset(tmp_path / "empty")
+
+
+def test_a_zero_fps_is_a_named_error(tmp_path: Path) -> None:
+    """A recorded or given rate of 0 is refused where it is read, not a ZeroDivisionError later (issue 14 D14)."""
+    path = tmp_path / "ep.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["fps"] = 0
+        f.create_dataset("state", data=np.zeros((4, 2)))
+    with pytest.raises(
+        DatasetError, match=rf"recorded frame rate: expected a frame rate > 0, got .*file {path}"
+    ):
+        open_dataset(path)
+    with pytest.raises(DatasetError, match="fps option: expected a frame rate > 0, got 0"):
+        open_dataset(path, fps=0)

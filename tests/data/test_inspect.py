@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -186,3 +187,15 @@ def test_mixture_with_a_broken_source(tmp_path: Path, capsys) -> None:
         "cameras[0] key 'observation.images.top' is not in the dataset" in w for w in ok_report["warnings"]
     )
     assert gone["episodes"] == 0 and "does not exist" in gone["error"] and "missing_dataset" in gone["error"]
+
+
+def test_a_zero_fps_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    """Issue 14 D14: a named error, not a ZeroDivisionError traceback."""
+    root = tmp_path / "ds"
+    shutil.copytree(fixture_dir("lerobot_v3_small"), root)
+    info = json.loads((root / "meta/info.json").read_text())
+    (root / "meta/info.json").write_text(json.dumps({**info, "fps": 0}))
+    code, _, err = run(["data", "inspect", str(root)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("xvla data inspect: error: fps: expected a frame rate > 0, got 0")
+    assert str(root / "meta/info.json") in err

@@ -249,3 +249,14 @@ def test_unsupported_version_and_missing_meta(v3_copy: Path, tmp_path: Path) -> 
         open_dataset(v3_copy)
     with pytest.raises(FileNotFoundError):
         open_dataset(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("fps", [0, -10, None, "fast", float("inf")])
+def test_a_bad_fps_is_a_named_error(v3_copy: Path, fps) -> None:
+    """`fps: 0` used to be a ZeroDivisionError in inspect and training (issue 14 D14)."""
+    info_path = v3_copy / "meta/info.json"
+    info = json.loads(info_path.read_text())
+    info["fps"] = fps
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(DatasetError, match=rf"^fps: expected a frame rate > 0, got .*file {info_path}\)$"):
+        open_dataset(v3_copy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,3 +109,17 @@ def test_an_error_from_a_dataloader_worker_is_its_own_message() -> None:
         "source 'a': dataset /d: episode 3, frame 7: corrupt video (in a DataLoader worker)"
     )
     assert one_line(ValueError("plain")) == "plain"
+
+
+def test_a_zero_fps_dataset_is_a_one_line_error(tmp_path, datasets, capsys):
+    """Issue 14 D14: training on a dataset whose info.json says `fps: 0` names the file and the field."""
+    root = tmp_path / "zero_fps"
+    shutil.copytree(datasets["arc_a"], root)
+    info = json.loads((root / "meta/info.json").read_text())
+    (root / "meta/info.json").write_text(json.dumps({**info, "fps": 0}))
+    data = {"sources": [source_dict("arc_a", 0, root)]}
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(make_config(tmp_path / "run", data))))
+    assert main(["train", str(tmp_path / "run.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xvla train: error: ") and err.count("\n") == 1
+    assert "fps: expected a frame rate > 0, got 0" in err and str(root / "meta/info.json") in err

@@ -131,6 +131,18 @@ def check_finite(values: np.ndarray, *, key: str, dataset: Path, file: Path | st
         )
 
 
+def check_fps(value: Any, *, field: str, dataset: Path, file: Path | None = None) -> float:
+    """A frame rate as a finite float > 0; anything else (0 divides every timestamp) is a `DatasetError` naming
+    the field and the file."""
+    try:
+        fps = float(value)
+    except (TypeError, ValueError):
+        fps = float("nan")
+    if not (np.isfinite(fps) and fps > 0):
+        raise DatasetError(f"{field}: expected a frame rate > 0, got {value!r}", dataset=dataset, file=file)
+    return fps
+
+
 def detect_format(path: str | Path) -> Literal["lerobot", "hdf5"]:
     """Which reader handles `path`: a LeRobot folder (meta/info.json), an HDF5 file or a folder of them."""
     path = Path(path)

@@ -31,6 +31,7 @@ from xvla.data.episodes import (
     FileCache,
     check_episode,
     check_finite,
+    check_fps,
     check_frames,
 )
 
@@ -112,7 +113,11 @@ class HDF5Dataset:
                 dataset=self.root,
                 file=files[0],
             )
-        self.fps = float(fps if fps is not None else recorded)  # type: ignore[arg-type]
+        self.fps = (
+            check_fps(fps, field="fps option", dataset=self.root)
+            if fps is not None
+            else check_fps(recorded, field="recorded frame rate", dataset=self.root, file=files[0])
+        )
         self._lengths: dict[int, int] = {}
 
     # ------------------------------------------------------------------ files and discovery

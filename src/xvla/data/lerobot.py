@@ -24,6 +24,7 @@ from xvla.data.episodes import (
     FileCache,
     check_episode,
     check_finite,
+    check_fps,
     check_frames,
     read_json,
 )
@@ -65,16 +66,19 @@ class LeRobotDataset:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset path does not exist or is not a folder: {self.root}")
-        self.info: dict[str, Any] = read_json(self.root / "meta" / "info.json", dataset=self.root)
+        info_path = self.root / "meta" / "info.json"
+        self.info: dict[str, Any] = read_json(info_path, dataset=self.root)
+        if not isinstance(self.info, dict):
+            raise DatasetError("expected a JSON object", dataset=self.root, file=info_path)
         self.version = str(self.info.get("codebase_version", ""))
         if self.version not in SUPPORTED_VERSIONS:
             raise DatasetError(
                 f"unsupported codebase_version {self.version!r} (expected one of {SUPPORTED_VERSIONS})",
                 dataset=self.root,
-                file=self.root / "meta" / "info.json",
+                file=info_path,
             )
+        self.fps = check_fps(self.info.get("fps"), field="fps", dataset=self.root, file=info_path)
         try:
-            self.fps = float(self.info["fps"])
             self.features: dict[str, dict[str, Any]] = dict(self.info["features"])
             self.chunks_size = int(self.info.get("chunks_size", 1000))
             self._data_path: str = self.info["data_path"]
@@ -82,7 +86,7 @@ class LeRobotDataset:
             raise DatasetError(
                 f"meta/info.json lacks a valid {err}",
                 dataset=self.root,
-                file=self.root / "meta" / "info.json",
+                file=info_path,
             ) from err
         self._video_path: str | None = self.info.get("video_path")
         self.camera_keys = tuple(k for k, f in self.features.items() if f.get("dtype") in CAMERA_DTYPES)
