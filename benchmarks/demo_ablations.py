@@ -1,7 +1,7 @@
 """Closed-loop ablations of the demo's pre-training: named arms, each a change to `DemoConfig`, trained on the
 demo's own generated datasets and evaluated on every pre-training task with the same evaluation seeds.
 
-    PYTHONPATH=src python benchmarks/demo_ablations.py --data demo_out/data --out abl --arms base,lr1e-3
+    PYTHONPATH=src python benchmarks/demo_ablations.py --data demo_out/data --out abl --arms base,lr2e-3
     PYTHONPATH=src python benchmarks/demo_ablations.py --out abl --table          # markdown table of finished arms
 
 Arms that differ only in evaluation settings (`replan_s`, `sample_steps`) share one training run. Every arm
@@ -57,7 +57,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "replan0.1": {"replan_s": 0.1},
     "replan0.4": {"replan_s": 0.4},
     "steps5": {"sample_steps": 5},
-    "lr1e-3": {"lr": 1e-3},
+    "lr2e-3": {"lr": 2e-3},
+    "lr5e-4": {"lr": 5e-4},
     "lr2e-4": {"lr": 2e-4},
     "ema0.99": {"ema_decay": 0.99},
     "mlp2": {"model_overrides": {**_DEMO_MODEL, "head.mlp_ratio": 2.0}},
@@ -65,8 +66,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "shift4": {"augment": {"color_jitter": True, "shift_px": 4}},
     "head256x2": {"model_overrides": {**_DEMO_MODEL, "head.hidden_size": 256, "head.depth": 2}},
     "episodes40": {"episodes": 40},
-    "adapt-lr1e-3": {"adapt_lr": 1e-3},
-    "adapt-lr6e-4": {"adapt_lr": 6e-4},
+    "adapt-lr3e-4": {"adapt_lr": 3e-4},
+    "adapt-lr2e-3": {"adapt_lr": 2e-3},
+    # single-source overfit check (issue #12): the same budget on one robot alone
+    "only-so100": {"pretrain_sources": ("so100_bimanual",)},
+    "only-sawyer": {"pretrain_sources": ("mw_sawyer:button-press-topdown,drawer-open",)},
 }
 
 
