@@ -199,3 +199,17 @@ def test_a_zero_fps_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("xvla data inspect: error: fps: expected a frame rate > 0, got 0")
     assert str(root / "meta/info.json") in err
+
+
+def test_timestamps_that_disagree_with_fps_are_a_warning(tmp_path: Path, capsys) -> None:
+    """Issue 14 D11: inspect names the first mistimed episode, counts the others, and exits 0."""
+    root = tmp_path / "ds"
+    shutil.copytree(fixture_dir("lerobot_v3_small"), root)
+    info = json.loads((root / "meta/info.json").read_text())
+    (root / "meta/info.json").write_text(json.dumps({**info, "fps": 30}))
+    code, out, _ = run(["data", "inspect", str(root), "--json"], capsys)
+    assert code == 0
+    (warning,) = json.loads(out)["sources"][0]["warnings"]
+    assert warning.startswith("episode 0: timestamps disagree with fps 30: frame ")
+    assert "the timestamps run at 10 frames/s" in warning
+    assert warning.endswith("(and 5 more of 6 checked episodes); training refuses these episodes")

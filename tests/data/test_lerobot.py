@@ -260,3 +260,19 @@ def test_a_bad_fps_is_a_named_error(v3_copy: Path, fps) -> None:
     info_path.write_text(json.dumps(info))
     with pytest.raises(DatasetError, match=rf"^fps: expected a frame rate > 0, got .*file {info_path}\)$"):
         open_dataset(v3_copy)
+
+
+def test_timestamps_that_disagree_with_fps_are_refused(v3_copy: Path, v21_copy: Path) -> None:
+    """info.json fps 30 on 10 fps data paired rows with frames [0, 1, 1, 1, 2, 2, 2, ...] (issue 14 D11)."""
+    for root, data_file in ((v3_copy, "file-000.parquet"), (v21_copy, "episode_000002.parquet")):
+        info_path = root / "meta/info.json"
+        info = json.loads(info_path.read_text())
+        info_path.write_text(json.dumps({**info, "fps": 30}))
+        ds = open_dataset(root)
+        with pytest.raises(
+            DatasetError, match=rf"^timestamps disagree with fps 30: frame \d+ .*{data_file}, episode 2\)$"
+        ):
+            ds.read_timestamps(2)
+        ds.read_lowdim(2, "action")  # values are still readable (inspect reports them)
+        info_path.write_text(json.dumps({**info, "fps": 10.05}))  # within half a frame over every episode
+        assert len(open_dataset(root).read_timestamps(2)) == open_dataset(root).episode_length(2)

@@ -123,3 +123,20 @@ def test_a_zero_fps_dataset_is_a_one_line_error(tmp_path, datasets, capsys):
     err = capsys.readouterr().err
     assert err.startswith("xvla train: error: ") and err.count("\n") == 1
     assert "fps: expected a frame rate > 0, got 0" in err and str(root / "meta/info.json") in err
+
+
+def test_timestamps_off_the_declared_fps_refuse_training(tmp_path, datasets, capsys):
+    """Issue 14 D11: info.json fps 30 on 10 fps data used to train on misaligned frames with rc 0."""
+    root = tmp_path / "fps30"
+    shutil.copytree(datasets["arc_a"], root)
+    info = json.loads((root / "meta/info.json").read_text())
+    (root / "meta/info.json").write_text(json.dumps({**info, "fps": 30}))
+    data = {"sources": [source_dict("arc_a", 0, root)]}
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(make_config(tmp_path / "run", data))))
+    assert main(["train", str(tmp_path / "run.json")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"xvla train: error: source 'arc_a': dataset {root}: episode ")
+        and err.count("\n") == 1
+    )
+    assert "timestamps disagree with fps 30" in err and str(root / "data/chunk-000/file-000.parquet") in err

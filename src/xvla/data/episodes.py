@@ -131,6 +131,24 @@ def check_finite(values: np.ndarray, *, key: str, dataset: Path, file: Path | st
         )
 
 
+def rate_mismatch(times: np.ndarray, fps: float) -> str | None:
+    """How timestamps `[N]` disagree with the declared `fps`, or None when every frame i lies within half a frame
+    of `times[0] + i / fps` (the tolerance within which the LeRobot reader matches video frames to rows)."""
+    times = np.asarray(times, dtype=np.float64)
+    if len(times) < 2:
+        return None
+    drift = np.abs(times - times[0] - np.arange(len(times)) / fps)
+    worst = int(np.argmax(drift))
+    if drift[worst] <= 0.5 / fps:
+        return None
+    span = times[-1] - times[0]
+    actual = f"; the timestamps run at {(len(times) - 1) / span:.3g} frames/s" if span > 0 else ""
+    return (
+        f"timestamps disagree with fps {fps:g}: frame {worst} is at {times[worst] - times[0]:.4f} s from the "
+        f"first, expected {worst / fps:.4f} s{actual}"
+    )
+
+
 def check_fps(value: Any, *, field: str, dataset: Path, file: Path | None = None) -> float:
     """A frame rate as a finite float > 0; anything else (0 divides every timestamp) is a `DatasetError` naming
     the field and the file."""

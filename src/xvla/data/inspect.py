@@ -2,7 +2,7 @@
 
 Per source: episodes, frames, duration, rate, cameras and resolutions, instructions, the spread of the
 intention anchors (how far the end effector moves over the horizon; needs a source description, i.e. a
-mixture file) and warnings: NaN/inf values, constant dimensions, non-unit quaternions, rotation matrices off
+mixture file) and warnings: timestamps that disagree with the declared fps, NaN/inf values, constant dimensions, non-unit quaternions, rotation matrices off
 SO(3), grippers outside their declared open/closed range. Value checks read at most `max_episodes` episodes,
 spread evenly over the dataset; counts and durations come from metadata and cover every episode.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from xvla.data.episodes import DatasetError, EpisodeDataset, detect_format, open_dataset
+from xvla.data.episodes import DatasetError, EpisodeDataset, detect_format, open_dataset, rate_mismatch
 
 TOLERANCE = 1e-3  # for unit quaternions, orthonormal matrices and gripper ranges (relative to the range)
 ANCHOR_FRAMES = 64  # frames per episode at which anchors are evaluated
@@ -90,6 +90,7 @@ def inspect_dataset(
     values: dict[str, list[np.ndarray]] = {key: [] for key in ds.lowdim_keys}
     checked: list[int] = []
     warnings: list[str] = []
+    mistimed: list[tuple[int, str]] = []  # (episode, why its timestamps cannot be used)
     for ep in map(int, sample):
         try:
             row = {
@@ -101,6 +102,14 @@ def inspect_dataset(
         checked.append(ep)
         for key, v in row.items():
             values[key].append(v)
+        if (problem := _timestamp_problem(ds, ep)) is not None:
+            mistimed.append((ep, problem))
+    if mistimed:  # one warning: every episode of a dataset with a wrong fps has the same problem
+        ep, problem = mistimed[0]
+        more = (
+            f" (and {len(mistimed) - 1} more of {len(checked)} checked episodes)" if len(mistimed) > 1 else ""
+        )
+        warnings.append(f"episode {ep}: {problem}{more}; training refuses these episodes")
     report = SourceReport(
         name=name,
         path=str(ds.root),
@@ -132,8 +141,18 @@ def inspect_dataset(
         report.warnings += missing
         report.warnings += _layout_warnings(source, values)
         if not missing:
-            report.anchors = _anchor_stats(ds, source, checked, report.warnings)
+            timed = [ep for ep in checked if ep not in dict(mistimed)]
+            report.anchors = _anchor_stats(ds, source, timed, report.warnings)
     return report
+
+
+def _timestamp_problem(ds: EpisodeDataset, ep: int) -> str | None:
+    """Why episode `ep`'s timestamps are unusable (unreadable, or off the declared fps), or None."""
+    try:
+        times = ds.read_timestamps(ep)  # the LeRobot reader itself refuses a rate mismatch
+    except DatasetError as err:
+        return str(err)
+    return rate_mismatch(times, ds.fps)
 
 
 def _missing_keys(source: Any, ds: EpisodeDataset) -> list[str]:

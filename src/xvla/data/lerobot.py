@@ -26,6 +26,7 @@ from xvla.data.episodes import (
     check_finite,
     check_fps,
     check_frames,
+    rate_mismatch,
     read_json,
 )
 
@@ -172,9 +173,18 @@ class LeRobotDataset:
         return values
 
     def read_timestamps(self, ep: int) -> np.ndarray:
+        """`[N]` seconds. Video frame i is looked up at i / fps, so timestamps that disagree with the declared
+        fps would pair rows with the wrong frames: that raises, naming the file and episode."""
         path, table = self._episode_rows(ep, ["timestamp"])
         values = table.column("timestamp").to_numpy()
         check_finite(values, key="timestamp", dataset=self.root, file=path, episode=ep)
+        if (mismatch := rate_mismatch(values, self.fps)) is not None:
+            raise DatasetError(
+                f"{mismatch}: meta/info.json fps is wrong, or frames were dropped",
+                dataset=self.root,
+                file=path,
+                episode=ep,
+            )
         return values
 
     def read_frames(self, ep: int, camera: str, frames: Sequence[int]) -> np.ndarray:
