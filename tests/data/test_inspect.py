@@ -213,3 +213,52 @@ def test_timestamps_that_disagree_with_fps_are_a_warning(tmp_path: Path, capsys)
     assert warning.startswith("episode 0: timestamps disagree with fps 30: frame ")
     assert "the timestamps run at 10 frames/s" in warning
     assert warning.endswith("(and 5 more of 6 checked episodes); training refuses these episodes")
+
+
+def _copy(tmp_path: Path) -> Path:
+    root = tmp_path / "ds"
+    shutil.copytree(fixture_dir("lerobot_v3_small"), root)
+    return root
+
+
+def test_nothing_readable_exits_1(tmp_path: Path, capsys) -> None:
+    """Every episode unreadable used to exit 0 with warnings only (issue 14 D15)."""
+    root = _copy(tmp_path)
+    data = root / "data/chunk-000/file-000.parquet"
+    data.write_bytes(data.read_bytes()[:300])
+    code, out, _ = run(["data", "inspect", str(root), "--json"], capsys)
+    assert code == 1
+    (report,) = json.loads(out)["sources"]
+    assert report["error"] == "none of the 6 checked episodes is fully readable (see the warnings)"
+    assert report["warnings"][0].startswith("episode 0 unreadable: corrupt parquet")
+    code, out, _ = run(["data", "inspect", str(root)], capsys)
+    assert code == 1 and "none of the 6 checked episodes" in out and "corrupt parquet" in out
+
+
+def test_truncated_video_is_a_warning(tmp_path: Path, capsys) -> None:
+    """A truncated mp4 still decodes its first frames: inspect checks each checked episode's last frame too."""
+    root = _copy(tmp_path)
+    video = root / "videos/observation.images.front/chunk-000/file-000.mp4"
+    video.write_bytes(video.read_bytes()[: int(video.stat().st_size * 0.6)])
+    code, out, _ = run(["data", "inspect", str(root), "--json"], capsys)
+    assert code == 0  # episodes 0-2 still decode
+    (warning,) = json.loads(out)["sources"][0]["warnings"]
+    assert warning.startswith("observation.images.front: undecodable frames in episode 3: no decoded frame")
+    assert warning.endswith("(and 2 more of 6 checked episodes); training stops at them")
+    video.write_bytes(b"\x00" * 64)  # no episode decodes: nothing is usable for training
+    code, out, _ = run(["data", "inspect", str(root), "--json"], capsys)
+    assert code == 1 and "corrupt video" in json.loads(out)["sources"][0]["warnings"][0]
+
+
+def test_declared_shapes_that_disagree_with_the_data_are_a_warning(tmp_path: Path, capsys) -> None:
+    root = _copy(tmp_path)
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"]["observation.state"]["shape"] = [9]
+    info["features"]["observation.images.wrist"]["shape"] = [48, 64, 3]
+    (root / "meta/info.json").write_text(json.dumps(info))
+    code, out, _ = run(["data", "inspect", str(root), "--json"], capsys)
+    assert code == 0
+    assert sorted(json.loads(out)["sources"][0]["warnings"]) == [
+        "observation.images.wrist: meta/info.json declares 48x64 frames, they decode to 64x64",
+        "observation.state: meta/info.json declares shape [9], the data has 8 values per frame",
+    ]

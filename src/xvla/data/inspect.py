@@ -2,9 +2,12 @@
 
 Per source: episodes, frames, duration, rate, cameras and resolutions, instructions, the spread of the
 intention anchors (how far the end effector moves over the horizon; needs a source description, i.e. a
-mixture file) and warnings: timestamps that disagree with the declared fps, NaN/inf values, constant dimensions, non-unit quaternions, rotation matrices off
-SO(3), grippers outside their declared open/closed range. Value checks read at most `max_episodes` episodes,
-spread evenly over the dataset; counts and durations come from metadata and cover every episode.
+mixture file) and warnings: timestamps that disagree with the declared fps, undecodable video (first and
+last frame of each checked episode), shapes that disagree with LeRobot's info.json, NaN/inf values, constant
+dimensions, non-unit quaternions, rotation matrices off SO(3), grippers outside their declared open/closed
+range. Value checks read at most `max_episodes` episodes, spread evenly over the dataset; counts and
+durations come from metadata and cover every episode. A source none of whose checked episodes reads and
+decodes fully is an error (`xvla data inspect` exits 1).
 """
 
 from __future__ import annotations
@@ -80,17 +83,14 @@ def inspect_dataset(
     n = ds.num_episodes
     lengths = np.array([ds.episode_length(ep) for ep in range(n)], dtype=np.int64)
     sample = np.unique(np.linspace(0, n - 1, min(n, max_episodes)).round().astype(int)) if n else []
-    cameras = {}
-    if (lengths > 0).any():  # resolutions as decoded from the first frame of the first non-empty episode
-        ep = int(np.argmax(lengths > 0))
-        for key in ds.camera_keys:
-            h, w = ds.read_frames(ep, key, [0]).shape[1:3]
-            cameras[key] = [int(h), int(w)]
     # NaNs are reported here rather than raised (the readers' `allow_nan` option)
     values: dict[str, list[np.ndarray]] = {key: [] for key in ds.lowdim_keys}
-    checked: list[int] = []
+    cameras: dict[str, list[int]] = {}  # resolutions as decoded from the first decodable checked episode
+    checked: list[int] = []  # episodes whose low-dim values were read
+    readable = 0  # checked episodes whose values and video all decode
     warnings: list[str] = []
     mistimed: list[tuple[int, str]] = []  # (episode, why its timestamps cannot be used)
+    undecodable: dict[str, list[tuple[int, str]]] = {key: [] for key in ds.camera_keys}
     for ep in map(int, sample):
         try:
             row = {
@@ -104,12 +104,21 @@ def inspect_dataset(
             values[key].append(v)
         if (problem := _timestamp_problem(ds, ep)) is not None:
             mistimed.append((ep, problem))
-    if mistimed:  # one warning: every episode of a dataset with a wrong fps has the same problem
-        ep, problem = mistimed[0]
-        more = (
-            f" (and {len(mistimed) - 1} more of {len(checked)} checked episodes)" if len(mistimed) > 1 else ""
-        )
-        warnings.append(f"episode {ep}: {problem}{more}; training refuses these episodes")
+        decoded = True
+        for key in ds.camera_keys if lengths[ep] else ():
+            # first and last frame: a truncated video usually still decodes its start
+            try:
+                h, w = ds.read_frames(ep, key, [0, int(lengths[ep]) - 1]).shape[1:3]
+            except DatasetError as err:
+                undecodable[key].append((ep, str(err)))
+                decoded = False
+                continue
+            cameras.setdefault(key, [int(h), int(w)])
+        readable += decoded
+    warnings += _once(mistimed, "", len(checked), "training refuses these episodes")
+    for key, bad in undecodable.items():
+        warnings += _once(bad, f"{key}: undecodable frames in ", len(checked), "training stops at them")
+    warnings += _shape_warnings(ds, values, cameras)
     report = SourceReport(
         name=name,
         path=str(ds.root),
@@ -129,6 +138,8 @@ def inspect_dataset(
         checked_episodes=len(checked),
         warnings=warnings,
     )
+    if len(sample) and not readable:
+        report.error = f"none of the {len(sample)} checked episodes is fully readable (see the warnings)"
     names = _feature_names(ds)
     for key, per_episode in values.items():
         if per_episode:
@@ -144,6 +155,45 @@ def inspect_dataset(
             timed = [ep for ep in checked if ep not in dict(mistimed)]
             report.anchors = _anchor_stats(ds, source, timed, report.warnings)
     return report
+
+
+def _once(problems: list[tuple[int, str]], prefix: str, checked: int, consequence: str) -> list[str]:
+    """One warning for a problem many episodes share: the first episode's message and how many more have it."""
+    if not problems:
+        return []
+    ep, problem = problems[0]
+    more = f" (and {len(problems) - 1} more of {checked} checked episodes)" if len(problems) > 1 else ""
+    return [f"{prefix}episode {ep}: {problem}{more}; {consequence}"]
+
+
+def _shape_warnings(
+    ds: EpisodeDataset, values: dict[str, list[np.ndarray]], cameras: dict[str, list[int]]
+) -> list[str]:
+    """Where the shapes LeRobot's info.json declares disagree with the data as read."""
+    out = []
+    for key, spec in getattr(ds, "features", {}).items():
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(x, int) for x in shape):
+            continue
+        if values.get(key):
+            dim = int(values[key][0].shape[1])
+            if int(np.prod(shape)) != dim:
+                out.append(
+                    f"{key}: meta/info.json declares shape {shape}, the data has {dim} values per frame"
+                )
+        elif key in cameras and len(shape) == 3:
+            names = spec.get("names") if isinstance(spec.get("names"), list) else []
+            h, w = (
+                (shape[names.index("height")], shape[names.index("width")])
+                if "height" in names and "width" in names
+                else shape[:2]
+            )
+            if [h, w] != cameras[key]:
+                out.append(
+                    f"{key}: meta/info.json declares {h}x{w} frames, they decode to "
+                    f"{cameras[key][0]}x{cameras[key][1]}"
+                )
+    return out
 
 
 def _timestamp_problem(ds: EpisodeDataset, ep: int) -> str | None:
@@ -343,6 +393,8 @@ def print_reports(reports: list[SourceReport]) -> None:
         console.print(f"[bold]{r.name}[/bold] ({r.path})")
         if r.error:
             console.print(f"  [red]error[/red]: {r.error}", highlight=False)
+            for warning in r.warnings:  # what made it unreadable
+                console.print(f"  [yellow]warning[/yellow]: {warning}", highlight=False)
             continue
         for task, count in list(r.tasks.items())[:10]:
             console.print(f"  task x{count}: {task!r}")
