@@ -9,6 +9,7 @@ as the latest one; `latest_checkpoint` never returns a partial folder. Training-
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -54,12 +55,23 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); its partial folder has been removed."""
+
+
+# torch's zip writer and safetensors report a failed write without an errno; these are their messages.
+_WRITE_FAILURES = ("file write failed", "unexpected pos", "I/O error", "No space left on device")
+LOW_SPACE_BYTES = 16 * 2**20  # less free space than this after a failed write: the disk is full
+
+
 @contextmanager
 def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
     """Yield a temporary folder that every rank writes into; it becomes `final` only when all ranks are done.
 
-    On an exception the temporary folder stays behind (cleared by the next save and on resume); `final` and
-    the older checkpoints are untouched.
+    A failed write on any rank (disk full, I/O error) removes the temporary folder and raises
+    `CheckpointWriteError` on every rank, naming the step, the folder and the last complete checkpoint; `final`
+    and the older checkpoints are untouched. After any other exception (a bug, kill -9) the temporary folder
+    stays behind and is cleared by the next save and on resume.
     """
     tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
@@ -67,7 +79,17 @@ def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
         (tmp / STATE).mkdir(parents=True)
     accelerator.wait_for_everyone()
-    yield tmp
+    failure: BaseException | None = None
+    try:
+        yield tmp
+    except Exception as err:
+        if not _is_failed_write(err):
+            raise
+        failure = err
+    # Every rank learns whether one failed, so none waits forever for a rank that stopped.
+    failed = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), "sum")
+    if bool(failed.item()):
+        raise _write_error(accelerator, final, tmp, failure) from failure
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
@@ -80,6 +102,41 @@ def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
     accelerator.wait_for_everyone()
+
+
+def _is_failed_write(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return True
+    chain = [err, err.__context__, err.__cause__]
+    return any(e is not None and any(m in str(e) for m in _WRITE_FAILURES) for e in chain)
+
+
+def _write_error(
+    accelerator: Accelerator, final: Path, tmp: Path, failure: BaseException | None
+) -> CheckpointWriteError:
+    """Remove the partial folder and build the one-line error (every rank raises one)."""
+    disk_full = failure is not None and (
+        getattr(failure, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left on device" in str(failure)
+        or shutil.disk_usage(final.parent).free < LOW_SPACE_BYTES  # measured before the partial is removed
+    )
+    accelerator.wait_for_everyone()  # no rank is still writing into tmp
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    step, folder = checkpoint_step(final), final.parent
+    latest = latest_checkpoint(folder.parent)
+    last = (
+        f"last complete checkpoint {checkpoint_step(latest)} ({latest})"
+        if latest
+        else "no complete checkpoint"
+    )
+    if failure is None:
+        return CheckpointWriteError(f"another process failed writing checkpoint {step} to {folder}; {last}")
+    if disk_full:
+        return CheckpointWriteError(f"no space left while writing checkpoint {step} to {folder}; {last}")
+    detail = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    return CheckpointWriteError(f"writing checkpoint {step} to {folder} failed ({detail}); {last}")
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:

@@ -98,12 +98,13 @@ def one_line(err: BaseException) -> str:
 def _report(go: Callable[[], Path], command: str) -> int:
     from accelerate import PartialState
 
+    from xvla.train.checkpointing import CheckpointWriteError
     from xvla.train.trainer import DivergedError  # the trainer is imported by `go` anyway
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         final = go()
-    except (*USER_ERRORS, DivergedError) as err:
+    except (*USER_ERRORS, DivergedError, CheckpointWriteError) as err:
         print(f"xvla {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     if PartialState().is_main_process:
