@@ -273,3 +273,15 @@ def test_serve_enforces_the_key_from_the_environment(
     monkeypatch.setenv("XVLA_API_KEY", "")
     assert xvla_main(["serve", "ckpt"]) == 2
     assert "xvla serve: error: $XVLA_API_KEY: the API key is empty" in capsys.readouterr().err
+
+
+def test_allow_origin_flag(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xvla.serve import server
+
+    configs: list[ServerConfig] = []
+    monkeypatch.setattr(serve_cli, "_policy", lambda args, source: policy)
+    monkeypatch.setattr(server, "run_server", lambda policy, config: configs.append(config))
+    argv = ["serve", "ckpt", "--allow-origin", "https://a.example", "--allow-origin", "https://b.example"]
+    assert xvla_main(argv) == 0 and xvla_main(["serve", "ckpt"]) == 0
+    assert configs[0].allow_origins == ("https://a.example", "https://b.example")
+    assert configs[1].allow_origins == ()

@@ -453,3 +453,51 @@ def test_http_edge_cases_get_answers_and_no_internal_errors(
         assert np.asarray(json.loads(reply.split(b"\r\n\r\n", 1)[1])["action"]).shape == (30, 20)
     internal = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not internal, [r.getMessage() for r in internal]
+
+
+# ---------------------------------------------------------------------------------------------- issue 14 D8
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost:3000", True),
+        ("http://127.0.0.1:8888", True),
+        ("http://[::1]:5173", True),
+        ("https://evil.example", False),
+        ("http://localhost.evil.example", False),
+        ("null", False),  # a local file or a sandboxed frame
+        ("http://[bad", False),
+    ],
+)
+def test_origin_rule(origin: str, allowed: bool) -> None:
+    assert ServerConfig().origin_allowed(origin) is allowed
+    assert ServerConfig(allow_origins=("https://evil.example/",)).origin_allowed("https://EVIL.example")
+    assert ServerConfig(allow_origins=("*",)).origin_allowed(origin)
+    assert ServerConfig(host="10.0.0.7").origin_allowed("http://10.0.0.7:8080")
+
+
+def test_cross_origin_requests_are_refused(raw_server: ServerThread) -> None:
+    """A web page the operator opens could otherwise drive the unauthenticated server on localhost: browsers
+    attach Origin to WebSocket handshakes and to "simple" text/plain POSTs that need no CORS preflight."""
+    url = f"http://127.0.0.1:{raw_server.port}"
+    body = json_numpy.dumps(raw_obs(np.random.default_rng(63))).encode()
+    evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    status, reply = _http(url + "/act", body, evil)
+    assert status == 403 and b"Origin 'https://evil.example' refused" in reply and b"--allow-origin" in reply
+    assert _http(url + "/healthz", None, evil)[0] == 403
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(f"ws://127.0.0.1:{raw_server.port}", origin="https://evil.example", open_timeout=30)
+    # no Origin (robots, scripts) and loopback pages are served
+    assert _http(url + "/act", body)[0] == 200
+    assert _http(url + "/act", body, {"Origin": "http://localhost:3000"})[0] == 200
+    with connect(f"ws://127.0.0.1:{raw_server.port}", origin="http://127.0.0.1:9000", open_timeout=30) as ws:
+        assert msgpack.unpackb(ws.recv())["protocol"] == "raw"
+
+
+def test_an_allowed_origin_is_served(raw_policy: Policy) -> None:
+    config = ServerConfig(port=0, allow_origins=("https://dashboard.example",))
+    with ServerThread(raw_policy, config) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        with connect(url, origin="https://dashboard.example", open_timeout=30) as ws:
+            assert msgpack.unpackb(ws.recv())["protocol"] == "raw"
+        with pytest.raises(InvalidStatus, match="403"):
+            connect(url, origin="https://evil.example", open_timeout=30)

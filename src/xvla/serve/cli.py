@@ -40,6 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"${API_KEY_ENV}; default: no key)",
     )
     key.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="also serve browser pages from this origin, e.g. https://dashboard.example:8443 (repeatable; '*' "
+        "allows any). Requests with an Origin header from other sites are refused: pages on loopback or on "
+        "--host are allowed",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="largest dynamic batch")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others"
@@ -131,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_message_mb=args.max_message_mb,
+        allow_origins=tuple(args.allow_origin),
     )
     try:
         policy = _policy(args, args.source)

@@ -10,6 +10,9 @@ on connect the server sends the policy metadata (msgpack); each binary msgpack o
 msgpack dict holding `actions` and `server_timing`; a bad request is answered with a text frame naming the
 problem and the connection stays open. A message over the size limit closes that connection with code 1009
 and a reason naming the size (the frame is never read into memory); the server keeps serving.
+
+A request with an `Origin` header (a browser) is refused with 403 unless it comes from a loopback page, the
+bound host or `ServerConfig.allow_origins`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -24,6 +28,7 @@ from collections.abc import Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -60,6 +65,10 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_message_mb: float = 16.0
     open_timeout_s: float = 30.0  # covers a POST /act waiting for its inference
+    # Browser origins allowed besides loopback pages and the bound host ("*": any). A browser attaches
+    # `Origin` to every WebSocket and cross-site POST: without this check any web page the robot's operator
+    # opens could drive an unauthenticated server on localhost.
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -74,6 +83,25 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         return int(self.max_message_mb * 2**20)
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a request carrying `Origin: origin` may be served: a page on a loopback host or on the host
+        the server is bound to, or one of `allow_origins`. `null` (a local file, a sandboxed frame) is not."""
+        allowed = {o.rstrip("/").lower() for o in self.allow_origins}
+        if "*" in allowed or origin.rstrip("/").lower() in allowed:
+            return True
+        try:
+            host = urlsplit(origin).hostname
+        except ValueError:
+            return False
+        if host is None:
+            return False
+        if host in ("localhost", self.host.lower()):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,6 +341,13 @@ class PolicyServer:
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.config.origin_allowed(origin):
+            return conn.respond(
+                HTTPStatus.FORBIDDEN,
+                f"cross-origin request from Origin {origin!r} refused (start the server with --allow-origin "
+                f"{origin} to allow it)\n",
+            )
         if path == "/healthz" and request.method == "GET":
             assert self._batcher is not None
             return _json_response(conn, 200, {"status": "ok", "pending": self._batcher.pending})
