@@ -501,3 +501,51 @@ def test_an_allowed_origin_is_served(raw_policy: Policy) -> None:
             assert msgpack.unpackb(ws.recv())["protocol"] == "raw"
         with pytest.raises(InvalidStatus, match="403"):
             connect(url, origin="https://evil.example", open_timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- issue 14 D6
+@pytest.mark.parametrize("transport", ["http", "websocket"])
+def test_bodies_are_decoded_off_the_event_loop(
+    raw_policy: Policy, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """A decode that never finishes (a stand-in for 4 concurrent 15 MiB JSON bodies, which stalled /healthz for
+    up to 5.9 s) must leave the loop free: /healthz answers while it runs."""
+    from xvla.serve import server as server_module
+
+    started, release = threading.Event(), threading.Event()
+    threads: list[str] = []
+
+    def blocking(decode: Any) -> Any:
+        def wrapper(data: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            started.set()
+            assert release.wait(60)
+            return decode(data)
+
+        return wrapper
+
+    monkeypatch.setattr(server_module, "decode_json", blocking(server_module.decode_json))
+    monkeypatch.setattr(server_module, "unpackb", blocking(server_module.unpackb))
+    obs = raw_obs(np.random.default_rng(64))
+    replies: list[Any] = []
+    with ServerThread(raw_policy, ServerConfig(port=0)) as server:
+
+        def send() -> None:
+            if transport == "http":
+                body = json_numpy.dumps(obs).encode()
+                replies.append(_http(f"http://127.0.0.1:{server.port}/act", body)[0])
+            else:
+                with PolicyClient("127.0.0.1", server.port) as client:
+                    replies.append(client.infer(obs)["actions"].shape)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            assert started.wait(30)
+            status, body = _http(f"http://127.0.0.1:{server.port}/healthz")  # the loop is not blocked
+            assert status == 200 and json.loads(body)["status"] == "ok"
+        finally:
+            release.set()
+            sender.join(60)
+    assert replies == [200 if transport == "http" else (30, 20)]
+    assert threads and "xvla-server" not in threads  # never on the loop's thread

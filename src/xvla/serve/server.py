@@ -373,7 +373,8 @@ class PolicyServer:
         """The authors' `POST /act`: json-numpy fields in, `{"action": [[20 floats] x 30]}` out."""
         assert self._batcher is not None
         try:
-            reply = await self._batcher.submit(decode_json(body), raw=True)
+            # Off the loop: decoding a 16 MiB body takes long enough to stall every other client's replies.
+            reply = await self._batcher.submit(await asyncio.to_thread(decode_json, body), raw=True)
         except RequestError as err:
             return _json_response(conn, 400, {"error": str(err)})
         except Exception as err:
@@ -390,7 +391,8 @@ class PolicyServer:
                 try:
                     if isinstance(message, str):
                         raise RequestError("expected a binary msgpack message, got a text frame")
-                    reply = packb(await self._batcher.submit(unpackb(message)))
+                    obs = await asyncio.to_thread(unpackb, message)  # off the loop, as JSON bodies
+                    reply = packb(await self._batcher.submit(obs))
                 except RequestError as err:
                     await conn.send(f"invalid request: {err}")
                     continue
