@@ -285,3 +285,20 @@ def test_allow_origin_flag(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> N
     assert xvla_main(argv) == 0 and xvla_main(["serve", "ckpt"]) == 0
     assert configs[0].allow_origins == ("https://a.example", "https://b.example")
     assert configs[1].allow_origins == ()
+    assert (configs[1].max_connections, configs[1].max_buffered_mb) == (64, 256.0)
+
+
+def test_limit_flags(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xvla.serve import server
+
+    configs: list[ServerConfig] = []
+    monkeypatch.setattr(serve_cli, "_policy", lambda args, source: policy)
+    monkeypatch.setattr(server, "run_server", lambda policy, config: configs.append(config))
+    assert xvla_main(["serve", "ckpt", "--max-connections", "4", "--max-buffered-mb", "32"]) == 0
+    assert (configs[0].max_connections, configs[0].max_buffered_bytes) == (4, 32 * 2**20)
+    assert xvla_main(["serve", "ckpt", "--max-buffered-mb", "8"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "xvla serve: error: max_buffered_mb (8.0) must be >= max_message_mb"
+    )

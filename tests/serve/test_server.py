@@ -549,3 +549,95 @@ def test_bodies_are_decoded_off_the_event_loop(
             sender.join(60)
     assert replies == [200 if transport == "http" else (30, 20)]
     assert threads and "xvla-server" not in threads  # never on the loop's thread
+
+
+# ---------------------------------------------------------------------------------------------- issue 14 D5
+def _until(condition: Any, what: str) -> None:
+    """Wait for the server's loop to catch up (a deadline against hangs, not a timing threshold)."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_connections_over_the_cap_are_refused_until_others_leave(
+    raw_policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """8 connections pipelining 14 MiB messages held 2.3 GB; a cap bounds what any number of clients can hold.
+    Connections count from the TCP accept, so clients that never send a request count too."""
+    import socket
+
+    with ServerThread(raw_policy, ServerConfig(port=0, max_connections=2)) as server:
+        limits = server.server.limits
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
+        _until(lambda: limits.connections == 2, "the two idle connections are counted")
+        reply = _raw_http(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503"), reply
+        assert b"server busy: 2 connections open, the limit is 2 (max_connections)" in reply
+        with pytest.raises(InvalidStatus, match="503"):
+            connect(f"ws://127.0.0.1:{server.port}", open_timeout=30)
+        idle.pop().close()
+        _until(lambda: limits.connections == 1, "a closed connection is no longer counted")
+        assert _http(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+        with PolicyClient("127.0.0.1", server.port) as client:
+            assert client.infer(raw_obs(np.random.default_rng(65)))["actions"].shape == (30, 20)
+        idle.pop().close()
+        _until(lambda: limits.connections == 0, "every connection released")
+    internal = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not internal, [r.getMessage() for r in internal]
+
+
+def test_buffered_bytes_over_the_cap_are_refused_and_returned(
+    raw_policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one large body is being decoded (held in memory), a second that would pass max_buffered_mb is
+    refused before it is read; once the first is answered the bytes are returned and new requests are served."""
+    from xvla.serve import server as server_module
+
+    started, release = threading.Event(), threading.Event()
+    real_decode = server_module.decode_json
+
+    def held(data: bytes) -> Any:
+        if len(data) > 2**19:  # only the large body waits
+            started.set()
+            assert release.wait(60)
+        return real_decode(data)
+
+    trims: list[bool] = []
+    monkeypatch.setattr(server_module, "decode_json", held)
+    monkeypatch.setattr(server_module, "release_memory", lambda: trims.append(True))
+    monkeypatch.setattr(server_module, "TRIM_AFTER_BYTES", 1)
+    obs = raw_obs(np.random.default_rng(66))
+    large = json_numpy.dumps({**obs, "padding": "x" * 700_000}).encode()  # ~0.7 of max_buffered
+    config = ServerConfig(port=0, max_message_mb=1.0, max_buffered_mb=1.0)
+    with ServerThread(raw_policy, config) as server:
+        url, limits = f"http://127.0.0.1:{server.port}/act", server.server.limits
+        first: list[int] = []
+        sender = threading.Thread(target=lambda: first.append(_http(url, large)[0]))
+        sender.start()
+        try:
+            assert started.wait(30)
+            assert limits.buffered == len(large)
+            status, reply = _http(url, large)
+            assert status == 503 and b"(max_buffered_mb); retry later" in reply
+            with (
+                PolicyClient("127.0.0.1", server.port, retries=0) as client,  # a WebSocket message too
+                pytest.raises(
+                    ConnectionError, match=r"1013 \(try again later\) server busy: .*max_buffered_mb"
+                ),
+            ):
+                client.infer({**obs, "padding": "x" * 700_000})
+        finally:
+            release.set()
+            sender.join(60)
+        assert first == [200]
+        _until(lambda: limits.connections == 0, "every client has left")
+        assert limits.buffered == 0 and trims  # bytes returned, and freed memory handed back to the OS
+        assert _http(url, large)[0] == 200
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_connections must be >= 1"):
+        ServerConfig(max_connections=0)
+    with pytest.raises(ValueError, match=r"max_buffered_mb \(8.0\) must be >= max_message_mb \(16.0\)"):
+        ServerConfig(max_buffered_mb=8.0)

@@ -56,6 +56,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-message-mb", type=float, default=16.0, help="largest accepted message / request body"
     )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="open connections (HTTP and WebSocket) beyond which new ones get 503 (default 64)",
+    )
+    p.add_argument(
+        "--max-buffered-mb",
+        type=float,
+        default=256.0,
+        help="request bodies and messages held at once beyond which new ones are refused (503 / close 1013)",
+    )
     _policy_args(p)
     p.set_defaults(func=_serve)
 
@@ -130,18 +142,20 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         key = api_key(args)
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            api_key=key,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_message_mb=args.max_message_mb,
+            allow_origins=tuple(args.allow_origin),
+            max_connections=args.max_connections,
+            max_buffered_mb=args.max_buffered_mb,
+        )
     except ValueError as err:
         print(f"xvla serve: error: {err}", file=sys.stderr)
         return 2
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        api_key=key,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_message_mb=args.max_message_mb,
-        allow_origins=tuple(args.allow_origin),
-    )
     try:
         policy = _policy(args, args.source)
     except LOAD_ERRORS as err:
