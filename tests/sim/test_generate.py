@@ -112,3 +112,26 @@ def test_cache_dir_follows_xvla_cache(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("XVLA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert generate.cache_dir() == tmp_path / "xdg" / "xvla" / "sim"
+
+
+def test_render_revision_invalidates_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source whose images changed (SO-100's cameras, revision 1) is part of the settings a cached dataset
+    must match, so it is rebuilt; sources at revision 0 keep the settings they always had."""
+    assert generate._settings("mw_sawyer", ["drawer-open"], 2, 32, 0) == {
+        "source": "mw_sawyer",
+        "tasks": ["drawer-open"],
+        "episodes": 2,
+        "image_size": 32,
+        "seed": 0,
+    }
+    so100 = generate._settings("so100_bimanual", ["transfer-cube"], 2, 32, 0)
+    assert so100["render_revision"] == SUITE["so100_bimanual"].spec.render_revision >= 1
+
+
+def test_so100_cameras_frame_the_workspace() -> None:
+    """At 64 px the shipped 78-degree cameras made the cube one or two pixels; ours are narrowed to 50."""
+    env = SUITE["so100_bimanual"].factory(32)
+    try:
+        assert all(env.model.cam_fovy[env.model.camera(c).id] == 50.0 for c in env.spec.cameras)
+    finally:
+        env.close()

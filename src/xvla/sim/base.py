@@ -29,6 +29,8 @@ class SimSpec:
         action_names: names of the native `action` entries.
         horizon_s: query horizon of the 30 action anchors in seconds.
         held_out: True for the adaptation robot never used in pre-training.
+        render_revision: bumped whenever the source's images change (cameras, lighting), so that datasets
+            generated before are rebuilt rather than mixed with new evaluation images.
     """
 
     name: str
@@ -43,6 +45,7 @@ class SimSpec:
     horizon_s: float = 1.0
     flipped_cameras: tuple[str, ...] = ()
     held_out: bool = False
+    render_revision: int = 0
     notes: str = ""
 
     def __post_init__(self) -> None:

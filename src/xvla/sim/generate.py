@@ -171,13 +171,17 @@ def _features(name: str, image_size: int) -> dict[str, dict]:
 
 
 def _settings(name: str, tasks: Sequence[str], episodes: int, image_size: int, seed: int) -> dict[str, Any]:
-    return {
+    settings: dict[str, Any] = {
         "source": name,
         "tasks": list(tasks),
         "episodes": episodes,
         "image_size": image_size,
         "seed": seed,
     }
+    revision = entry(name).spec.render_revision
+    if revision:  # absent at 0, so datasets of sources whose images never changed stay valid
+        settings["render_revision"] = revision
+    return settings
 
 
 def read_manifest(dataset: str | Path) -> dict[str, Any]:
