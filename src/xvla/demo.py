@@ -307,6 +307,7 @@ def _scales() -> dict[str, DemoConfig]:
             pretrain_steps=15000,
             batch_size=128,
             lr=2e-4,
+            adapt_lr=3e-4,  # below the 1e-3 measured for the default scale's model; not measured here
             warmup_steps=500,
             adapt_prompt_steps=500,
             adapt_steps=3000,
@@ -337,6 +338,7 @@ def _scales() -> dict[str, DemoConfig]:
             pretrain_steps=50000,
             batch_size=256,
             lr=2e-4,
+            adapt_lr=3e-4,  # below the 1e-3 measured for the default scale's model; not measured here
             warmup_steps=1000,
             adapt_prompt_steps=1000,
             adapt_steps=8000,
