@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,13 +24,49 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 
+def first_chunk_slopes(
+    env: Any, policy: Any, columns: list[int], task: str | None, seeds: int, steps: int
+) -> list[dict[str, float]]:
+    """Per moving column of the native action: expert std across seeds, slope and correlation of the policy's
+    chunk (action `steps - 1`, queried at the reset) on the expert's action after `steps` steps. `policy` is any
+    `xvla.sim.evaluate.ChunkPolicy`."""
+    from xvla.sim.evaluate import eval_seed, request
+
+    expert, chosen = [], []
+    for episode in range(seeds):
+        seed = eval_seed(0, episode)
+        obs = env.reset(seed, task)
+        for _ in range(steps):
+            action = env.expert(obs)
+            env.step(action)
+            obs = env.observe(render=False)
+        expert.append(np.asarray(action)[columns])
+        obs = env.reset(seed, task)
+        policy.reset()
+        actions = np.asarray(policy.infer(request(env, obs))["actions"])
+        chosen.append(actions[min(steps, len(actions)) - 1][columns])
+    e, p = np.array(expert), np.array(chosen)
+    rows = []
+    for j, column in enumerate(columns):
+        if e[:, j].std() > 1e-3:  # coordinates the scene moves
+            moves = p[:, j].std() > 0
+            rows.append(
+                {
+                    "column": column,
+                    "expert_std": float(e[:, j].std()),
+                    "slope": float(np.polyfit(e[:, j], p[:, j], 1)[0]),
+                    "corr": float(np.corrcoef(e[:, j], p[:, j])[0, 1]) if moves else 0.0,
+                }
+            )
+    return rows
+
+
 def scene_following(
     checkpoint: str, mixture: Path, source: str, task: str | None, seeds: int, seconds: float
 ) -> list[dict[str, float]]:
-    """Per moving position coordinate: expert std across seeds, slope and correlation of policy on expert."""
+    """`first_chunk_slopes` of a checkpoint on one source of the mixture it was trained on."""
     from xvla.data.sources import Mixture
     from xvla.serve.policy import Policy
-    from xvla.sim.evaluate import eval_seed, request
     from xvla.sim.suite import entry
 
     src = {s.name: s for s in Mixture.load(mixture).sources}[source]
@@ -37,37 +74,11 @@ def scene_following(
         raise SystemExit(f"--source {source}: needs absolute end-effector actions")
     policy = Policy.from_checkpoint(checkpoint, source=src, device="cpu", seed=0)
     env = entry(source).factory(policy.model.config.image_size)
-    steps = max(1, round(seconds * env.spec.fps))
     columns = [p for arm in src.action.arms for p in arm.position]
-    expert, chosen = [], []
     try:
-        for episode in range(seeds):
-            seed = eval_seed(0, episode)
-            obs = env.reset(seed, task)
-            for _ in range(steps):
-                action = env.expert(obs)
-                env.step(action)
-                obs = env.observe(render=False)
-            expert.append(np.asarray(action)[columns])
-            obs = env.reset(seed, task)
-            policy.reset()
-            actions = np.asarray(policy.infer(request(env, obs))["actions"])
-            chosen.append(actions[min(steps, len(actions)) - 1][columns])
+        return first_chunk_slopes(env, policy, columns, task, seeds, max(1, round(seconds * env.spec.fps)))
     finally:
         env.close()
-    e, p = np.array(expert), np.array(chosen)
-    rows = []
-    for j, column in enumerate(columns):
-        if e[:, j].std() > 1e-3:  # coordinates the scene moves
-            rows.append(
-                {
-                    "column": column,
-                    "expert_std": float(e[:, j].std()),
-                    "slope": float(np.polyfit(e[:, j], p[:, j], 1)[0]),
-                    "corr": float(np.corrcoef(e[:, j], p[:, j])[0, 1]),
-                }
-            )
-    return rows
 
 
 def main() -> None:
