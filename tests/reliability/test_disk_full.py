@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.helpers import make_config, mixture, write_dataset
+from train.helpers import arc_datasets, make_config, mixture
 from xvla.cli import main
 from xvla.model import checkpoint as model_checkpoint
 from xvla.model.xvla import XVLA
@@ -24,11 +24,7 @@ from xvla.train.trainer import train
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("datasets")
-    return {
-        "arc_a": write_dataset(root / "arc_a", episodes=4, length=24, phase=0.0),
-        "arc_b": write_dataset(root / "arc_b", episodes=3, length=24, phase=2.0),
-    }
+    return arc_datasets(tmp_path_factory.mktemp("datasets"))
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,14 @@ import torch
 
 from xvla.train.trainer import train
 
-from .helpers import make_config, mixture, write_dataset
+from .helpers import arc_datasets, make_config, mixture
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("datasets")
-    return {
-        "arc_a": write_dataset(root / "arc_a", episodes=4, length=24, phase=0.0),
-        "arc_b": write_dataset(root / "arc_b", episodes=3, length=24, phase=2.0),
-    }
+    return arc_datasets(tmp_path_factory.mktemp("datasets"))
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,14 @@ def write_dataset(
     return root
 
 
+def arc_datasets(root: Path) -> dict[str, Path]:
+    """The two small sources most training tests use: arc_a (4 episodes) and arc_b (3), 24 frames each."""
+    return {
+        "arc_a": write_dataset(root / "arc_a", episodes=4, length=24, phase=0.0),
+        "arc_b": write_dataset(root / "arc_b", episodes=3, length=24, phase=2.0),
+    }
+
+
 def source_dict(name: str, domain_id: int, path: Path, **changes: Any) -> dict[str, Any]:
     return {
         "name": name,
