@@ -115,7 +115,7 @@ def test_cache_dir_follows_xvla_cache(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_render_revision_invalidates_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A source whose images changed (SO-100's cameras, revision 1) is part of the settings a cached dataset
+    """A source whose images changed (SO-100's and robosuite's cameras, revision 1) is part of the settings a cached dataset
     must match, so it is rebuilt; sources at revision 0 keep the settings they always had."""
     assert generate._settings("mw_sawyer", ["drawer-open"], 2, 32, 0) == {
         "source": "mw_sawyer",
@@ -126,6 +126,7 @@ def test_render_revision_invalidates_datasets(monkeypatch: pytest.MonkeyPatch) -
     }
     so100 = generate._settings("so100_bimanual", ["transfer-cube"], 2, 32, 0)
     assert so100["render_revision"] == SUITE["so100_bimanual"].spec.render_revision >= 1
+    assert generate._settings("rs_panda", ["Lift"], 2, 32, 0)["render_revision"] >= 1
 
 
 def test_so100_cameras_frame_the_workspace() -> None:
@@ -133,5 +134,24 @@ def test_so100_cameras_frame_the_workspace() -> None:
     env = SUITE["so100_bimanual"].factory(32)
     try:
         assert all(env.model.cam_fovy[env.model.camera(c).id] == 50.0 for c in env.spec.cameras)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("name", ["rs_panda", "rs_ur5e", "rs_iiwa", "rs_kinova3"])
+def test_robosuite_fixed_camera_frames_the_cube(name: str) -> None:
+    """At 64 px the shipped fixed cameras showed Lift's 4 cm cube 2.3-4.6 px wide (the IIWA's side view 2.3);
+    the narrowed ones show it 5.4-6.8 px wide, inside the middle of the image."""
+    env = SUITE[name].factory(64)
+    try:
+        env.reset(0, "Lift")
+        model, data = env.env.sim.model._model, env.env.sim.data._data
+        camera = model.camera(env.spec.cameras[0]).id
+        offset = data.body("cube_main").xpos - data.cam_xpos[camera]
+        depth = -offset @ data.cam_xmat[camera].reshape(3, 3)  # camera frame; it looks along -z
+        field = 2 * depth[2] * np.tan(np.radians(model.cam_fovy[camera]) / 2)  # metres across the image
+        width_px = 64 * 2 * model.geom("cube_g0").size[0] / field
+        assert width_px >= 5.0, f"{name}: cube {width_px:.1f} px wide"
+        assert np.all(np.abs(depth[:2] / (field / 2)) < 0.7), f"{name}: cube off centre {depth[:2]}"
     finally:
         env.close()
