@@ -262,3 +262,37 @@ def test_declared_shapes_that_disagree_with_the_data_are_a_warning(tmp_path: Pat
         "observation.images.wrist: meta/info.json declares 48x64 frames, they decode to 64x64",
         "observation.state: meta/info.json declares shape [9], the data has 8 values per frame",
     ]
+
+
+def test_absurd_magnitudes_are_a_warning_naming_file_episode_and_column(tmp_path: Path, capsys) -> None:
+    """Issue 14 D3: actions of 1e30 trained to NaN losses; inspect names such values before training does."""
+    features = {
+        "observation.images.front": {"dtype": "image", "shape": [8, 8, 3], "names": None},
+        "observation.state": {"dtype": "float64", "shape": [3], "names": ["x", "y", "z"]},
+        "action": {"dtype": "float64", "shape": [2], "names": None},
+    }
+    writer = LeRobotV3Writer(tmp_path / "ds", 10, features)
+    for ep in range(3):
+        state = np.linspace(0, 1, 30).reshape(10, 3) + ep
+        action = state[:, :2] * 0.1
+        if ep == 1:
+            action[3:6, 1] = 2e7  # in the wrong units, but still a float32
+        if ep == 2:
+            state[5, 0] = -1e39  # inf once training casts it to float32
+        for f in range(10):
+            img = np.full((8, 8, 3), 10 * f, np.uint8)
+            writer.add_frame(
+                {"observation.images.front": img, "observation.state": state[f], "action": action[f]}, "go"
+            )
+        writer.save_episode()
+    writer.finalize()
+    code, out, _ = run(["data", "inspect", str(tmp_path / "ds"), "--json"], capsys)
+    assert code == 0  # a warning, as NaN values are
+    file = tmp_path / "ds/data/chunk-000/file-000.parquet"
+    assert sorted(json.loads(out)["sources"][0]["warnings"]) == [
+        f"action: episode 1: 3 values beyond ±1e+06 in column 1 (largest 2e+07 at frame 3, column 1; file "
+        f"{file}); a unit error or corrupt values",
+        f"observation.state: episode 2: 1 value beyond ±1e+06 in column 0 (x) (largest -1e+39 at frame 5, "
+        f"column 0 (x); file {file}); outside float32's range: inf in training, which stops at the first "
+        "non-finite loss",
+    ]

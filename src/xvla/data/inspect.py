@@ -3,8 +3,8 @@
 Per source: episodes, frames, duration, rate, cameras and resolutions, instructions, the spread of the
 intention anchors (how far the end effector moves over the horizon; needs a source description, i.e. a
 mixture file) and warnings: timestamps that disagree with the declared fps, undecodable video (first and
-last frame of each checked episode), shapes that disagree with LeRobot's info.json, NaN/inf values, constant
-dimensions, non-unit quaternions, rotation matrices off SO(3), grippers outside their declared open/closed
+last frame of each checked episode), shapes that disagree with LeRobot's info.json, NaN/inf values, absurd
+magnitudes (beyond +-1e6, or outside float32's range), constant dimensions, non-unit quaternions, rotation matrices off SO(3), grippers outside their declared open/closed
 range. Value checks read at most `max_episodes` episodes, spread evenly over the dataset; counts and
 durations come from metadata and cover every episode. A source none of whose checked episodes reads and
 decodes fully is an error (`xvla data inspect` exits 1).
@@ -25,6 +25,10 @@ from xvla.data.episodes import DatasetError, EpisodeDataset, detect_format, open
 TOLERANCE = 1e-3  # for unit quaternions, orthonormal matrices and gripper ranges (relative to the range)
 ANCHOR_FRAMES = 64  # frames per episode at which anchors are evaluated
 MIXTURE_SUFFIXES = (".json", ".yaml", ".yml")
+# No pose (m, rad), gripper or joint value of a robot is this large: beyond it a value is a unit error or garbage
+# (actions of 1e30 trained to NaN losses, issue 14 D3).
+MAX_ABS = 1e6
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model computes in float32 or narrower: beyond it is inf
 
 
 @dataclass
@@ -147,6 +151,7 @@ def inspect_dataset(
             report.warnings += _value_warnings(
                 key, per_episode, checked, names.get(key), quaternions_by_name=source is None
             )
+            report.warnings += _magnitude_warnings(ds, key, per_episode, checked, names.get(key))
     if source is not None:
         missing = _missing_keys(source, ds)
         report.warnings += missing
@@ -263,6 +268,53 @@ def _value_warnings(
         if len(quat) == 4:
             out += _quat_warnings(f"{key}[qx,qy,qz,qw]", stacked[:, quat])
     return out
+
+
+def _magnitude_warnings(
+    ds: EpisodeDataset, key: str, per_episode: list[np.ndarray], episodes: list[int], names: list[str] | None
+) -> list[str]:
+    """Finite values beyond +-MAX_ABS: the first episode that has them (file, frame, columns, the largest value)
+    and how many more do. NaN/inf are `_value_warnings`' concern."""
+    problems, overflow = [], False
+    for ep, values in zip(episodes, per_episode, strict=True):
+        with np.errstate(invalid="ignore"):
+            size = np.where(np.isfinite(values), np.abs(values), 0.0)
+        absurd = size > MAX_ABS
+        if not absurd.any():
+            continue
+        frame, col = np.unravel_index(int(np.argmax(size)), values.shape)
+        worst = float(values[frame, col])
+        overflow |= abs(worst) > FLOAT32_MAX
+        count, width = int(absurd.sum()), values.shape[1]
+        columns = [_column(names, int(c), width) for c in np.flatnonzero(absurd.any(0))]
+        problems.append(
+            (
+                ep,
+                f"{count} value{'s' * (count > 1)} beyond ±{MAX_ABS:.0e} in column{'s' * (len(columns) > 1)} "
+                f"{', '.join(columns)} (largest {worst:.3g} at frame {frame}, column "
+                f"{_column(names, int(col), width)}; file {_episode_file(ds, ep)})",
+            )
+        )
+    consequence = (
+        "outside float32's range: inf in training, which stops at the first non-finite loss"
+        if overflow
+        else "a unit error or corrupt values"
+    )
+    return _once(problems, f"{key}: ", len(episodes), consequence)
+
+
+def _column(names: list[str] | None, i: int, width: int) -> str:
+    return f"{i} ({names[i]})" if names and len(names) == width else str(i)
+
+
+def _episode_file(ds: EpisodeDataset, ep: int) -> str:
+    """The file holding episode `ep`'s low-dim values: a LeRobot parquet, or an HDF5 file and group."""
+    if hasattr(ds, "data_file"):
+        return str(ds.data_file(ep))
+    if hasattr(ds, "episode_file"):
+        path, group = ds.episode_file(ep)
+        return f"{path} group {group}"
+    return str(ds.root)
 
 
 def _quat_warnings(label: str, q: np.ndarray) -> list[str]:
