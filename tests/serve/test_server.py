@@ -455,6 +455,88 @@ def test_http_edge_cases_get_answers_and_no_internal_errors(
     assert not internal, [r.getMessage() for r in internal]
 
 
+UPGRADE = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "needle"),
+    [
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", b"400", b"a GET request has no body"),
+        (
+            b"GET / HTTP/1.1\r\n" + UPGRADE + b"Content-Length: 3\r\n\r\nabc",
+            b"400",
+            b"a GET request has no body",
+        ),
+        (b"GET /act HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"405", b"\r\nAllow: POST\r\n"),
+        (b"GET /act HTTP/1.1\r\nHost: x\r\n\r\n", b"405", b"\r\nAllow: POST\r\n"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE", b"200", b'"status": "ok"'),
+        (b"GET /healthz HTTP/1.1\r\nno colon\r\n\r\n", b"400", b"invalid HTTP header line"),
+        (b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400", b"chunked"),
+        (b"GET /healthz\r\n\r\n", b"400", b"malformed HTTP request"),
+        (b"GET /healthz HTTP/2.0\r\n\r\n", b"400", b"HTTP/1.1 or HTTP/1.0"),
+        (b"GET /\xff HTTP/1.1\r\n\r\n", b"400", b"malformed HTTP request"),
+        (b"POST /act HTTP/1.1\r\nContent-Length: 1_0\r\n\r\n{}", b"400", b"Content-Length"),
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b"431", b"headers too large"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414", b"request line too long"),
+        # frames pipelined before the 101 (clients must wait for it; a sloppy one may not) are parsed after it
+        (b"GET / HTTP/1.1\r\n" + UPGRADE + b"\r\nGARBAGE", b"101", b"\x88"),  # a close frame: bad framing
+    ],
+    ids=[
+        "get-with-body",
+        "upgrade-with-body",
+        "get-act-with-body",
+        "get-act",
+        "get-then-garbage",
+        "bad-header",
+        "get-chunked",
+        "no-version",
+        "http2",
+        "non-ascii-path",
+        "bad-content-length",
+        "long-header",
+        "long-request-line",
+        "upgrade-then-garbage",
+    ],
+)
+def test_malformed_http_requests_get_an_answer(
+    raw_server: ServerThread,
+    caplog: pytest.LogCaptureFixture,
+    request_bytes: bytes,
+    status: bytes,
+    needle: bytes,
+) -> None:
+    """websockets' handshake parser closed these without a word (or raised an AssertionError inside the
+    handshake, logged as an internal error); each gets a status line now, and the server keeps serving."""
+    with caplog.at_level(logging.INFO):
+        reply = _raw_http(raw_server.port, request_bytes)
+    assert reply.startswith(b"HTTP/1.1 " + status), reply[:300]
+    assert needle in reply, reply[:300]
+    internal = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not internal, [r.getMessage() for r in internal]
+    assert _http(f"http://127.0.0.1:{raw_server.port}/healthz")[0] == 200
+
+
+def test_a_frame_sent_with_the_upgrade_request_is_answered(raw_server: ServerThread) -> None:
+    """The bytes wait in the buffer while the handshake is answered; they are parsed as soon as it is, not when
+    the client next sends something."""
+    import socket
+
+    from websockets.frames import Frame, Opcode
+
+    frame = Frame(Opcode.TEXT, b"hello").serialize(mask=True, extensions=[])
+    reply = b""
+    with socket.create_connection(("127.0.0.1", raw_server.port), timeout=30) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n" + UPGRADE + b"\r\n" + frame)
+        while b"invalid request: expected a binary msgpack message" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 101"), reply[:300]
+
+
 # ---------------------------------------------------------------------------------------------- issue 14 D8
 @pytest.mark.parametrize(
     ("origin", "allowed"),

@@ -25,6 +25,7 @@ import functools
 import hmac
 import ipaddress
 import logging
+import re
 import threading
 import time
 from collections.abc import Generator, Mapping
@@ -35,7 +36,12 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import (
+    ConnectionClosed,
+    HeaderLineTooLong,
+    RequestLineTooLong,
+    TooManyHeaders,
+)
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response, parse_headers, parse_line
 from websockets.protocol import State
@@ -300,74 +306,93 @@ class _BodyRequest(Request):
 
 
 class _BodyServerProtocol(ServerProtocol):
-    """websockets' handshake parser refuses request bodies; this one reads every request that is not a `GET`
-    (`POST /act`, but also a stray `PUT`, so it gets a 405 rather than a dropped connection) with its body
-    (<= max_size) and hands it to `process_request` as a `_BodyRequest`. `GET`s go the usual way."""
+    """websockets' handshake parser refuses request bodies and closes the connection without a word on any
+    request it cannot parse. This one parses every request itself and answers each it refuses (400, 413, 431,
+    503). A `GET` without a body goes on as a WebSocket handshake or `/healthz`; any other request (`POST /act`,
+    but also a stray `PUT`, or a `GET` with a body, which gets a 400 or 405 from `process_request`) is read with
+    its body (<= max_size) and handed to `process_request` as a `_BodyRequest`."""
 
     limits: _Limits
     reserved: int = 0  # bytes of this connection's body counted in `limits` (released when it closes)
 
     def parse(self) -> Generator[None, None, None]:
-        if self.state is State.CONNECTING:
-            while len(self.reader.buffer) < 4 and not self.reader.eof:
-                yield
-            if (busy := self.limits.busy_connections()) is not None:
-                self.send_response(self.reject(HTTPStatus.SERVICE_UNAVAILABLE, busy + "\n"))
-                yield
-                return
-            if bytes(self.reader.buffer[:4]) != b"GET ":
-                yield from self._parse_with_body()
-                return
-        yield from super().parse()
-
-    def _parse_with_body(self) -> Generator[None, None, None]:
-        limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # older name
-        try:
-            method, path, version = bytes((yield from parse_line(self.reader.read_line))).split(b" ", 2)
-            headers = yield from parse_headers(self.reader.read_line)
-            if "Transfer-Encoding" in headers:
-                raise ValueError("chunked bodies are not supported; send Content-Length")
-            length = int(headers.get("Content-Length", "0"))
-            if length < 0:
-                raise ValueError(f"invalid Content-Length {length}")
-            if limit is not None and length > limit:
-                self.send_response(
-                    self.reject(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"request body of {length} bytes exceeds the limit of {limit} bytes\n",
-                    )
-                )
-                yield
-                return
-            if not self.limits.reserve(length):  # refused before a byte of the body is read
-                self.send_response(
-                    self.reject(HTTPStatus.SERVICE_UNAVAILABLE, self.limits.busy_bytes(length) + "\n")
-                )
-                yield
-                return
-            self.reserved = length
-            if headers.get("Expect", "").lower() == "100-continue":  # curl asks before sending a large body
-                self.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = yield from self.reader.read_exact(length)
-        except Exception as err:
-            self.send_response(self.reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {err}\n"))
+        while len(self.reader.buffer) < 4 and not self.reader.eof:
             yield
+        if (busy := self.limits.busy_connections()) is not None:
+            yield from self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, busy)
             return
-        self.events.append(
-            _BodyRequest(
-                path=path.decode("ascii", "replace"),
-                headers=headers,
-                method=method.decode("ascii", "replace"),
-                protocol=version.decode("ascii", "replace"),
-                body=bytes(body),
-            )
-        )
-        # One request per connection (the reply closes it): bytes after the body are ignored, never parsed as
-        # WebSocket frames of a connection that was never opened. send_response then replaces this parser.
-        while not (yield from self.reader.at_eof()):
-            self.reader.discard()
-        while True:
+        try:
+            request = yield from self._read_request()
+        except _Refused as refused:
+            yield from self._refuse(refused.status, str(refused))
+            return
+        except RequestLineTooLong as err:
+            yield from self._refuse(HTTPStatus.REQUEST_URI_TOO_LONG, f"request line too long: {err}")
+            return
+        except (HeaderLineTooLong, TooManyHeaders) as err:
+            yield from self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"headers too large: {err}")
+            return
+        except Exception as err:  # EOF or bad syntax
+            yield from self._refuse(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {err}")
+            return
+        self.events.append(request)
+        if isinstance(request, _BodyRequest):
+            # One request per connection (the reply closes it): bytes after the body are ignored, never parsed as
+            # WebSocket frames of a connection that was never opened. send_response then replaces this parser.
+            while not (yield from self.reader.at_eof()):
+                self.reader.discard()
+            while True:
+                yield
+        # Frames only once the handshake is answered: parsed earlier, bad framing would close the connection
+        # while the handshake is pending, and answering it would then fail inside websockets (AssertionError).
+        # A refusal replaces this parser; `_Connection.handshake` resumes it after a 101.
+        while self.state is State.CONNECTING:
             yield
+        yield from super(ServerProtocol, self).parse()
+
+    def _refuse(self, status: HTTPStatus, why: str) -> Generator[None, None, None]:
+        self.send_response(self.reject(status, why + "\n"))
+        yield
+
+    def _read_request(self) -> Generator[None, None, Request]:
+        line = yield from parse_line(self.reader.read_line, RequestLineTooLong)
+        method, path, version = line.split(b" ", 2)
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"expected HTTP/1.1 or HTTP/1.0, got {version!r}")
+        headers = yield from parse_headers(self.reader.read_line)
+        fields = {
+            "path": path.decode("ascii"),  # a URI is ASCII (RFC 3986): a UnicodeDecodeError is a 400
+            "headers": headers,
+            "method": method.decode("ascii"),
+            "protocol": version.decode("ascii"),
+        }
+        if "Transfer-Encoding" in headers:
+            raise _Refused(HTTPStatus.BAD_REQUEST, "chunked bodies are not supported; send Content-Length")
+        declared = headers.get_all("Content-Length")
+        if len(declared) > 1 or not all(re.fullmatch(r"[0-9]+", n) for n in declared):
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {declared}")
+        length = int(declared[0]) if declared else 0
+        if method == b"GET" and length == 0:
+            return Request(**fields)
+        limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # older name
+        if limit is not None and length > limit:
+            raise _Refused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body of {length} bytes exceeds the limit of {limit} bytes",
+            )
+        if not self.limits.reserve(length):  # refused before a byte of the body is read
+            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, self.limits.busy_bytes(length))
+        self.reserved = length
+        if headers.get("Expect", "").lower() == "100-continue":  # curl asks before sending a large body
+            self.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = yield from self.reader.read_exact(length)
+        return _BodyRequest(**fields, body=bytes(body))
+
+
+class _Refused(Exception):
+    def __init__(self, status: HTTPStatus, why: str) -> None:
+        super().__init__(why)
+        self.status = status
 
 
 class _Connection(ServerConnection):
@@ -381,6 +406,14 @@ class _Connection(ServerConnection):
         self.limits = limits
         super().__init__(protocol, *args, **kwargs)
 
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        await super().handshake(*args, **kwargs)
+        reader = self.protocol.reader
+        if self.protocol.state is State.OPEN and reader.buffer and not reader.eof:
+            # Frames that came with the handshake request wait in the buffer: parse them now, not when the
+            # client next sends something.
+            self.data_received(b"")
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.limits.opened()
@@ -392,6 +425,15 @@ class _Connection(ServerConnection):
         self.limits.release(protocol.reserved)
         protocol.reserved = 0
         self.limits.closed()
+
+
+def _method_not_allowed(conn: ServerConnection, method: str, path: str) -> Response:
+    response = conn.respond(
+        HTTPStatus.METHOD_NOT_ALLOWED,
+        f"method {method} not allowed; POST /act, GET /healthz or a WebSocket GET\n",
+    )
+    response.headers["Allow"] = "GET" if path == "/healthz" else "POST" if path == "/act" else "GET, POST"
+    return response
 
 
 def _json_response(conn: ServerConnection, status: int, obj: Mapping[str, Any]) -> Response:
@@ -460,6 +502,10 @@ class PolicyServer:
                 f"cross-origin request from Origin {origin!r} refused (start the server with --allow-origin "
                 f"{origin} to allow it)\n",
             )
+        if isinstance(request, _BodyRequest) and request.method == "GET":
+            if path != "/act":
+                return conn.respond(HTTPStatus.BAD_REQUEST, "a GET request has no body\n")
+            return _method_not_allowed(conn, request.method, path)
         if path == "/healthz" and request.method == "GET":
             assert self._batcher is not None
             return _json_response(conn, 200, {"status": "ok", "pending": self._batcher.pending})
@@ -472,13 +518,9 @@ class PolicyServer:
                 return await self._act(conn, request.body)
             if request.method == "POST":
                 return conn.respond(HTTPStatus.NOT_FOUND, f"no POST route {path!r}; POST /act\n")
-            allowed = "GET" if path == "/healthz" else "POST" if path == "/act" else "GET, POST"
-            response = conn.respond(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                f"method {request.method} not allowed; POST /act, GET /healthz or a WebSocket GET\n",
-            )
-            response.headers["Allow"] = allowed
-            return response
+            return _method_not_allowed(conn, request.method, path)
+        if path == "/act" and "websocket" not in request.headers.get("Upgrade", "").lower():
+            return _method_not_allowed(conn, request.method, path)  # a browser or curl on the HTTP route
         return None  # WebSocket handshake (any path, as openpi's server)
 
     async def _act(self, conn: ServerConnection, body: bytes) -> Response:
