@@ -3,10 +3,13 @@
     python benchmarks/serve_load.py --clients 32 --requests 1000            # tiny random model, started here
     python benchmarks/serve_load.py --checkpoint CKPT --clients 8 --requests 50
 
-The server runs in a subprocess (`python -m xvla.cli serve ...` on 127.0.0.1, a free port); each client is a
-thread with its own `PolicyClient` sending raw-protocol observations (64 px images). Everything is bounded:
-per-request timeouts, a global deadline, and the server is stopped at the end. Prints a table and writes JSON
-(latency p50/p90/p99/max, throughput, failed requests, server-side batch sizes).
+The server runs in a subprocess (`python -m xvla.cli serve ...` on 127.0.0.1, a free port). Each client is a
+thread sending raw-protocol observations (64 px images): every other one over the WebSocket (its own
+`PolicyClient`, no retries: a failure counts), the rest as `POST /act` (json-numpy, one connection per request).
+A further thread polls `GET /healthz` every 50 ms while the load runs: the event loop must keep answering.
+Everything is bounded: per-request timeouts, a global deadline, and the server is stopped at the end. Prints a
+table and writes JSON (latency p50/p90/p99/max overall and per transport, `/healthz` latency, throughput, failed
+requests, server-side batch sizes).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import http.client
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -26,7 +31,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import json_numpy
 import numpy as np
 
 TIMING_KEYS = ("prep_ms", "queue_ms", "infer_ms")
@@ -123,17 +130,44 @@ def observation(rng: np.random.Generator, image_px: int, meta: dict) -> dict:
     }
 
 
+def http_infer(port: int, obs: dict, timeout_s: float) -> dict:
+    """One `POST /act` (the authors' protocol); the reply as the WebSocket client gives it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("POST", "/act", json_numpy.dumps(obs), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+    reply = json.loads(body)
+    return {"actions": np.asarray(reply["action"]), "server_timing": reply["server_timing"]}
+
+
 def client_worker(
-    port: int, requests: int, image_px: int, seed: int, deadline: float, timeout_s: float, out: dict
+    port: int,
+    transport: str,
+    meta: dict,
+    requests: int,
+    image_px: int,
+    seed: int,
+    deadline: float,
+    timeout_s: float,
+    out: dict,
 ) -> None:
     rng = np.random.default_rng(seed)
     latencies, batch_sizes, timings, failures, errors = [], [], [], 0, []
-    try:
-        client = PolicyClient("127.0.0.1", port, timeout_s=timeout_s, retries=2)
-    except Exception as err:
-        out.update(latencies=[], batch_sizes=[], timings=[], failures=requests, errors=[f"connect: {err}"])
-        return
-    meta = client.metadata
+    out.update(transport=transport)
+    client = None
+    if transport == "websocket":
+        try:
+            client = PolicyClient("127.0.0.1", port, timeout_s=timeout_s, retries=0)
+        except Exception as err:
+            out.update(
+                latencies=[], batch_sizes=[], timings=[], failures=requests, errors=[f"connect: {err}"]
+            )
+            return
     for _ in range(requests):
         if time.monotonic() > deadline:
             failures += 1
@@ -142,7 +176,7 @@ def client_worker(
         obs = observation(rng, image_px, meta)
         t0 = time.perf_counter()
         try:
-            reply = client.infer(obs)
+            reply = client.infer(obs) if client is not None else http_infer(port, obs, timeout_s)
             if (
                 reply["actions"].shape != (meta["chunk_length"], meta["action_dim"])
                 or not np.isfinite(reply["actions"]).all()
@@ -150,15 +184,54 @@ def client_worker(
                 raise ValueError(f"bad actions {reply['actions'].shape}")
         except Exception as err:
             failures += 1
-            errors.append(f"{type(err).__name__}: {err}")
+            errors.append(f"{transport} {type(err).__name__}: {err}")
             continue
         latencies.append((time.perf_counter() - t0) * 1000.0)
         batch_sizes.append(reply["server_timing"]["batch_size"])
         timings.append([reply["server_timing"][k] for k in TIMING_KEYS])
-    client.close()
+    if client is not None:
+        client.close()
     out.update(
         latencies=latencies, batch_sizes=batch_sizes, timings=timings, failures=failures, errors=errors[:5]
     )
+
+
+def health_poller(port: int, stop: Any, period_s: float, out: Any) -> None:
+    """`GET /healthz` every `period_s` until `stop` is set, then the latencies (ms) and failures to `out`: how
+    long the server's event loop makes anyone wait. Runs in its own process, so the client threads' work (JSON
+    encoding, under this process's GIL) is not counted as the server's."""
+    latencies, failures = [], 0
+    while not stop.wait(period_s):
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+                r.read()
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+        except OSError:
+            failures += 1
+    out.put({"latencies": latencies, "failures": failures})
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    return {
+        q: float(np.percentile(values, p)) if values else None
+        for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+    }
+
+
+def transport_summary(results: list[dict], transport: str) -> dict:
+    mine = [r for r in results if r.get("transport") == transport]
+    latencies = [x for r in mine for x in r.get("latencies", [])]
+    return {
+        "clients": len(mine),
+        "ok": len(latencies),
+        "failed": sum(r.get("failures", 0) for r in mine),
+        "latency_ms": percentiles(latencies),
+    }
+
+
+def _pair(stats: dict, keys: tuple[str, ...] = ("p50", "p99")) -> str:
+    return " / ".join("-" if stats[k] is None else f"{stats[k]:.1f}" for k in keys)
 
 
 def main() -> int:
@@ -169,6 +242,7 @@ def main() -> int:
     ap.add_argument("--preset", default="micro", help="random checkpoint: a library preset or 'micro'")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=1000, help="requests per client")
+    ap.add_argument("--http-clients", type=float, default=0.5, help="share of clients using POST /act")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -185,22 +259,47 @@ def main() -> int:
             checkpoint = str(Path(tmp) / "ckpt")
             make_random_checkpoint(Path(checkpoint), args.preset)
         with served(checkpoint, args, Path(tmp) / "server.log") as port:
+            with PolicyClient("127.0.0.1", port) as probe:
+                meta = probe.metadata
             deadline = time.monotonic() + args.deadline_s
             results: list[dict] = [{} for _ in range(args.clients)]
+            # spread evenly: with --http-clients 0.5, clients 1, 3, 5, ... use HTTP
+            transports = [
+                "http" if int((i + 1) * args.http_clients) > int(i * args.http_clients) else "websocket"
+                for i in range(args.clients)
+            ]
             threads = [
                 threading.Thread(
                     target=client_worker,
-                    args=(port, args.requests, args.image_px, 1000 + i, deadline, args.timeout_s, results[i]),
+                    args=(
+                        port,
+                        transports[i],
+                        meta,
+                        args.requests,
+                        args.image_px,
+                        1000 + i,
+                        deadline,
+                        args.timeout_s,
+                        results[i],
+                    ),
                     daemon=True,
                 )
                 for i in range(args.clients)
             ]
+            stop, health_out = multiprocessing.Event(), multiprocessing.Queue()
+            poller = multiprocessing.Process(
+                target=health_poller, args=(port, stop, 0.05, health_out), daemon=True
+            )
             t0 = time.perf_counter()
+            poller.start()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(timeout=max(0.0, deadline - time.monotonic()) + args.timeout_s * 3)
             wall = time.perf_counter() - t0
+            stop.set()
+            health = health_out.get(timeout=30)
+            poller.join(timeout=30)
 
     lat = np.array([x for r in results for x in r.get("latencies", [])])
     batches = np.array([x for r in results for x in r.get("batch_sizes", [])])
@@ -216,9 +315,13 @@ def main() -> int:
         "failed": total - ok,
         "wall_s": wall,
         "throughput_rps": ok / wall if wall > 0 else 0.0,
-        "latency_ms": {
-            q: float(np.percentile(lat, p)) if ok else None
-            for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        "latency_ms": percentiles(lat.tolist()),
+        "by_transport": {t: transport_summary(results, t) for t in ("websocket", "http")},
+        "healthz_during_load_ms": {
+            "polls": len(health.get("latencies", [])),
+            "failed": health.get("failures", 0),
+            "over_50_ms": sum(x > 50 for x in health.get("latencies", [])),
+            **percentiles(health.get("latencies", [])),
         },
         "mean_batch_size": float(batches.mean()) if ok else None,
         "server_mean_ms": {k: float(timings[:, i].mean()) if ok else None for i, k in enumerate(TIMING_KEYS)},
@@ -244,6 +347,16 @@ def main() -> int:
         ("wall (s)", f"{wall:.1f}"),
         ("throughput (req/s)", f"{report['throughput_rps']:.1f}"),
         *((f"latency {q} (ms)", "-" if v is None else f"{v:.1f}") for q, v in report["latency_ms"].items()),
+        *(
+            (f"{t} p50 / p99 (ms)", _pair(v["latency_ms"]) + f"  ({v['ok']} ok, {v['failed']} failed)")
+            for t, v in report["by_transport"].items()
+        ),
+        ("healthz p50 / p99 / max (ms)", _pair(report["healthz_during_load_ms"], ("p50", "p99", "max"))),
+        (
+            "healthz polls > 50 ms",
+            f"{report['healthz_during_load_ms']['over_50_ms']} of "
+            f"{report['healthz_during_load_ms']['polls']} ({report['healthz_during_load_ms']['failed']} failed)",
+        ),
         ("mean server batch", "-" if not ok else f"{report['mean_batch_size']:.2f}"),
         *(
             (f"server mean {k}", "-" if v is None else f"{v:.1f}")
@@ -256,7 +369,7 @@ def main() -> int:
         print("errors:", *report["errors"], sep="\n  ")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if ok == total else 1
+    return 0 if ok == total and not report["healthz_during_load_ms"]["failed"] else 1
 
 
 if __name__ == "__main__":
