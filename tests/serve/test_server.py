@@ -537,6 +537,31 @@ def test_a_frame_sent_with_the_upgrade_request_is_answered(raw_server: ServerThr
     assert reply.startswith(b"HTTP/1.1 101"), reply[:300]
 
 
+def test_xvla_serve_hands_the_gil_over_every_millisecond(
+    raw_policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event loop answers only once it holds the GIL; Python's 5 ms switch interval, times the threads
+    waiting, made /healthz slower under load (docs/serving.md, "Load test")."""
+    import asyncio
+    import sys
+
+    from xvla.serve import server as server_module
+
+    seen: list[float] = []
+
+    def run(coroutine: Any) -> None:
+        seen.append(sys.getswitchinterval())
+        coroutine.close()
+
+    default = sys.getswitchinterval()
+    monkeypatch.setattr(asyncio, "run", run)
+    try:
+        server_module.run_server(raw_policy, ServerConfig(port=0))
+    finally:
+        sys.setswitchinterval(default)
+    assert seen == [server_module.SWITCH_INTERVAL_S] and default > server_module.SWITCH_INTERVAL_S
+
+
 # ---------------------------------------------------------------------------------------------- issue 14 D8
 @pytest.mark.parametrize(
     ("origin", "allowed"),
