@@ -287,10 +287,13 @@ def test_missing_keys_are_named() -> None:
 
 
 def test_caches_are_bounded_and_not_pickled() -> None:
-    ds = dataset(max_open_datasets=1, max_cached_episodes=2)
+    shortest = dataset().episode(0, 0).nbytes  # episode 0 is the shortest fake episode
+    ds = dataset(max_open_datasets=1, episode_cache_bytes=2 * shortest)
     for i in range(40):
         ds.sample(0, i)
         assert len(ds._datasets) <= 1 and len(ds._episodes) <= 2
+        assert ds._episode_bytes == sum(e.nbytes for e in ds._episodes.values())
+        assert ds._episode_bytes <= 2 * shortest or len(ds._episodes) == 1
     import pickle
 
     clone = pickle.loads(pickle.dumps(ds))

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def config() -> Any:
-    return get_preset("demo")  # 64 px images, 3 views, 24 text tokens
+    return get_preset("demo").replace(max_text_len=24)  # 64 px images, 3 views, 24 text tokens
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,23 @@ def test_text_is_padded_and_truncated(config: Any, tokenizer: Any) -> None:
     assert tokenizer.decode(short["input_ids"][:n], skip_special_tokens=True) == "open the drawer"
     long = transform(raw(instruction="open the drawer " * 40))
     assert long["input_ids"].shape == (24,) and bool(long["attention_mask"].all())
+
+
+def test_token_ids_are_memoised_bounded_and_not_shared(
+    config: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xvla.data.transforms as transforms
+
+    monkeypatch.setattr(transforms, "TOKEN_CACHE_SIZE", 3)
+    transform = ObservationTransform(config, tokenizer, train=False)
+    first = transform(raw(instruction="open the drawer"))
+    first["input_ids"][0] = 99  # a consumer writing into its batch must not change later samples
+    again = transform(raw(instruction="open the drawer"))
+    direct = tokenizer("open the drawer", padding="max_length", max_length=24, return_tensors="pt")
+    assert torch.equal(again["input_ids"], direct["input_ids"][0])
+    for i in range(10):
+        transform(raw(instruction=f"open the drawer {i}"))
+        assert len(transform._tokens) <= 3
 
 
 def test_single_arm_padding_and_missing_action(config: Any, tokenizer: Any) -> None:

@@ -12,8 +12,9 @@ over its workers, so a trainer that knows how many batches it consumed gets the 
 mixture, seed, rank, world size and number of workers) continues the very same batch stream. Without workers
 the dataset counts what it yields itself.
 
-Datasets are opened lazily inside each worker; at most ``max_open_datasets`` readers and ``max_cached_episodes``
-episodes' low-dimensional arrays are kept (LRU). Images are read one frame at a time unless
+Datasets are opened lazily inside each worker; at most ``max_open_datasets`` readers and ``episode_cache_bytes``
+of episodes' low-dimensional arrays are kept (LRU; the default holds every episode of a demo-sized mixture, so
+no episode is read and converted twice). Images are read one frame at a time unless
 ``frame_cache_bytes`` > 0: then each (episode, camera) is decoded once, whole, and kept in RAM until the cache
 holds that many bytes; episodes beyond the cap are streamed frame by frame as before. ``preload_frames()``
 fills the cache before DataLoader workers fork, so they share one copy (copy-on-write pages).
@@ -56,6 +57,10 @@ class _Episode:
     valid: np.ndarray  # [M] frame indices with a non-static window
     task: str
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.times, self.proprio, self.target_times, self.targets, self.valid))
+
 
 def _default_open(source: Source) -> EpisodeDataset:
     return open_dataset(source.path, format=source.format, **source.reader_options)  # type: ignore[arg-type]
@@ -75,7 +80,7 @@ class MixtureDataset(IterableDataset):
         world_size: int = 1,
         skip_bad_episodes: bool = False,
         max_open_datasets: int = 16,
-        max_cached_episodes: int = 32,
+        episode_cache_bytes: int = 256 * 2**20,
         frame_cache_bytes: int = 0,
         open_fn: Callable[[Source], EpisodeDataset] = _default_open,
     ) -> None:
@@ -91,7 +96,7 @@ class MixtureDataset(IterableDataset):
         self.world_size = world_size
         self.skip_bad_episodes = skip_bad_episodes
         self.max_open_datasets = max(1, max_open_datasets)
-        self.max_cached_episodes = max(1, max_cached_episodes)
+        self.episode_cache_bytes = max(0, int(episode_cache_bytes))
         self.frame_cache_bytes = max(0, int(frame_cache_bytes))
         self.open_fn = open_fn
         self.skipped_episodes = 0  # bad episodes skipped in this process
@@ -103,6 +108,7 @@ class MixtureDataset(IterableDataset):
     def _reset_caches(self) -> None:
         self._datasets: OrderedDict[int, EpisodeDataset] = OrderedDict()
         self._episodes: OrderedDict[tuple[int, int], _Episode] = OrderedDict()
+        self._episode_bytes = 0
         self._splits: list[np.ndarray] | None = None
         self._bad: set[tuple[int, int]] = set()
         self._frames: dict[tuple[int, int, str], np.ndarray] = {}  # (source, episode, camera) -> [N, H, W, 3]
@@ -110,7 +116,7 @@ class MixtureDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()  # workers get empty caches: every reader is opened inside its worker
-        for key in ("_datasets", "_episodes", "_splits", "_bad", "_frames", "_frame_bytes"):
+        for key in ("_datasets", "_episodes", "_episode_bytes", "_splits", "_bad", "_frames", "_frame_bytes"):
             state.pop(key)
         return state
 
@@ -158,7 +164,8 @@ class MixtureDataset(IterableDataset):
         return np.sort(perm[:n_val] if self.split == "val" else perm[n_val:])
 
     def episode(self, source_idx: int, ep: int) -> _Episode:
-        """Canonical arrays and valid frames of one episode (LRU of at most ``max_cached_episodes``)."""
+        """Canonical arrays and valid frames of one episode (LRU of at most ``episode_cache_bytes``; the most
+        recent episode is always kept)."""
         key = (source_idx, ep)
         if key in self._episodes:
             self._episodes.move_to_end(key)
@@ -178,8 +185,9 @@ class MixtureDataset(IterableDataset):
         task = source.instruction if source.instruction is not None else ds.episode_task(ep)
         episode = _Episode(times, proprio, target_times, targets, valid, task)
         self._episodes[key] = episode
-        if len(self._episodes) > self.max_cached_episodes:
-            self._episodes.popitem(last=False)
+        self._episode_bytes += episode.nbytes
+        while self._episode_bytes > self.episode_cache_bytes and len(self._episodes) > 1:
+            self._episode_bytes -= self._episodes.popitem(last=False)[1].nbytes
         return episode
 
     def frames(self, source_idx: int, ep: int, camera: str, frame: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from xvla.model.action_spaces import build_action_space
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JITTER = (0.2, 0.2, 0.2)  # brightness, contrast, saturation
+TOKEN_CACHE_SIZE = 1024  # instructions whose token ids an ObservationTransform keeps
 BATCH_KEYS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "domain_id", "proprio", "action")
 
 
@@ -87,6 +88,25 @@ class ObservationTransform:
         self.action_dim = space.dim  # targets are zero-padded to the width the network emits
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self._tokens: dict[str, tuple[Tensor, Tensor]] = {}  # instruction -> (input_ids, attention_mask)
+
+    def tokens(self, instruction: str) -> tuple[Tensor, Tensor]:
+        """(input_ids [L], attention_mask [L]), padded/truncated to ``max_text_len``; memoised, since a dataset
+        has a handful of instructions and the tokenizer call was an eighth of a sample's cost. At most
+        ``TOKEN_CACHE_SIZE`` are kept: a server's clients may send any number of different instructions."""
+        if instruction not in self._tokens:
+            if len(self._tokens) >= TOKEN_CACHE_SIZE:
+                self._tokens.clear()
+            text = self.tokenizer(
+                instruction,
+                padding="max_length",
+                truncation=True,
+                max_length=self.config.max_text_len,
+                return_tensors="pt",
+            )
+            self._tokens[instruction] = (text["input_ids"][0].long(), text["attention_mask"][0].long())
+        ids, mask = self._tokens[instruction]
+        return ids.clone(), mask.clone()
 
     def image(self, image: np.ndarray, generator: torch.Generator | None = None) -> Tensor:
         """uint8 [H, W, 3] RGB -> normalised float [3, S, S]."""
@@ -118,18 +138,12 @@ class ObservationTransform:
         for v, img in enumerate(images):
             pixel_values[v] = self.image(img, generator)
             image_mask[v] = True
-        text = self.tokenizer(
-            raw["instruction"],
-            padding="max_length",
-            truncation=True,
-            max_length=cfg.max_text_len,
-            return_tensors="pt",
-        )
+        input_ids, attention_mask = self.tokens(raw["instruction"])
         out = {
             "pixel_values": pixel_values,
             "image_mask": image_mask,
-            "input_ids": text["input_ids"][0].long(),
-            "attention_mask": text["attention_mask"][0].long(),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "domain_id": torch.tensor(int(raw["domain_id"]), dtype=torch.long),
             "proprio": _pad("proprio", raw["proprio"], cfg.proprio_dim),
         }
