@@ -76,7 +76,7 @@ def train_steps(
 ) -> None:
     """Two optimiser steps (the second with optimiser state allocated)."""
     params = [p for ps in groups.values() for p in ps]
-    optimizer = build_optimizer(groups, OptimConfig(), on_cuda=device.type == "cuda")
+    optimizer = build_optimizer(groups, OptimConfig(), device_type=device.type)
     for _ in range(2):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(batch).loss

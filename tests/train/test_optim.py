@@ -22,7 +22,7 @@ def _groups() -> tuple[nn.Module, dict[str, list[nn.Parameter]]]:
 def test_group_lrs_follow_coefficients_and_schedule():
     _, groups = _groups()
     cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    opt = build_optimizer(groups, cfg, on_cuda=False)
+    opt = build_optimizer(groups, cfg, device_type="cpu")
     assert opt.defaults["betas"] == (0.9, 0.95)
     sched = build_scheduler(opt, cfg, total_steps=110)
     peak = {g["name"]: g["initial_lr"] for g in opt.param_groups}
@@ -42,12 +42,19 @@ def test_group_lrs_follow_coefficients_and_schedule():
     assert math.isclose(opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"], 0.1)
 
 
+def test_adamw_is_fused_on_cpu_unless_told_otherwise():
+    _, groups = _groups()
+    assert build_optimizer(groups, OptimConfig(), device_type="cpu").defaults["fused"] is True
+    assert build_optimizer(groups, OptimConfig(fused=False), device_type="cpu").defaults["fused"] is False
+    assert not build_optimizer(groups, OptimConfig(), device_type="mps").defaults["fused"]
+
+
 def test_groups_joining_after_the_prompt_warmup_warm_up_when_they_join():
     """Backbone groups frozen for the first 20 steps start their own linear warm-up at step 20 (a fixed-start
     schedule would hand them the full rate at once); prompt/head groups follow the run's schedule."""
     _, groups = _groups()
     cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    opt = build_optimizer(groups, cfg, on_cuda=False)
+    opt = build_optimizer(groups, cfg, device_type="cpu")
     sched = build_scheduler(opt, cfg, total_steps=120, start_steps={"vlm": 20, "transformer": 20})
     lrs: dict[str, list[float]] = {g["name"]: [] for g in opt.param_groups}
     for _ in range(120):

@@ -455,12 +455,14 @@ def prepare_training(
 def fused_adamw(
     params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0
 ) -> torch.optim.AdamW:
-    """AdamW as the recipe has it, fused into one kernel per step on CUDA (foreach elsewhere)."""
+    """AdamW as the recipe has it, fused into one kernel per step on CPU and CUDA (per tensor elsewhere), as the
+    trainer's `xvla.train.optim.build_optimizer`."""
     params = list(params)
-    on_cuda = any(
-        p.is_cuda for p in (q for g in params for q in (g["params"] if isinstance(g, dict) else [g]))
+    fusable = all(
+        p.device.type in ("cpu", "cuda")
+        for p in (q for g in params for q in (g["params"] if isinstance(g, dict) else [g]))
     )
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fusable)
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs, bytes

@@ -80,7 +80,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # floor of the cosine decay, relative to each group's peak
     # Before this step only soft prompts and action heads train; the rest is frozen (no gradients at all).
     prompt_warmup_steps: int = 1000
-    fused: bool | None = None  # fused AdamW; None = on CUDA only
+    fused: bool | None = None  # fused AdamW; None = on CPU and CUDA (optim.FUSED_DEVICES)
 
 
 @dataclass(frozen=True)

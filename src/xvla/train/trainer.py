@@ -293,8 +293,14 @@ def make_loader(
         frame_cache_bytes=int(cfg.data.frame_cache_gib * 2**30),
     )
     workers = cfg.data.num_workers if train else 0
-    if workers:
-        dataset.preload_frames()  # before the workers fork, so they share the decoded frames
+    if train and dataset.frame_cache_bytes:
+        # Decode now, not during the first steps: before workers fork, so that they share one copy, and without
+        # workers so that the logged samples/s is the steady rate (the decoding is the same work either way).
+        t0 = time.perf_counter()
+        cached = dataset.preload_frames()
+        log.info(
+            "decoded %.2f GiB of frames into the cache in %.1f s", cached / 2**30, time.perf_counter() - t0
+        )
     loader = DataLoader(
         TransformedStream(
             dataset,
@@ -338,8 +344,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     # Everything is trainable when wrapped (DDP registers hooks for trainable parameters only); phases then
     # freeze parts with requires_grad, which DDP skips because find_unused_parameters is on.
     set_trainable(job.groups, tuple(job.groups))
-    on_cuda = accelerator.device.type == "cuda"
-    optimizer = build_optimizer(job.groups, cfg.optim, on_cuda=on_cuda)
+    optimizer = build_optimizer(job.groups, cfg.optim, device_type=accelerator.device.type)
     joining = {g: cfg.optim.prompt_warmup_steps for g in job.main_groups if g not in job.prompt_groups}
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps, start_steps=joining)
     # Counted before wrapping: under FSDP each rank's parameters are shards afterwards.
@@ -424,7 +429,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
             scalars["train/grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
             for group in optimizer.param_groups:
                 scalars[f"lr/{group['name']}"] = group["lr"]
-            if on_cuda:
+            if accelerator.device.type == "cuda":
                 scalars["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             _record(state["history"], step, scalars)
             accelerator.log(scalars, step=step)
