@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xvla.cli import main
-from xvla.config import get_preset
+from xvla.config import XVLAConfig, get_preset
 from xvla.model import XVLA, ActionSpace, available_action_spaces, build_action_space, register_action_space
 from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
 
@@ -147,6 +147,22 @@ def test_presets_build() -> None:
     assert get_preset("tiny").tokens_per_view == 50
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
+
+
+def test_encoder_activations_follow_the_config() -> None:
+    """The demo preset's tanh GELU reaches every vision and text MLP; the released default stays exact GELU
+    (a config without the field, as in older checkpoints, builds the authors' model)."""
+    from transformers.activations import ACT2FN
+
+    exact, tanh = type(ACT2FN["gelu"]), type(ACT2FN["gelu_pytorch_tanh"])
+
+    def acts(cfg: XVLAConfig) -> set[type]:
+        return {type(m) for m in XVLA(cfg).vlm.modules() if isinstance(m, exact | tanh)}
+
+    assert acts(get_preset("demo")) == {tanh}
+    old = get_preset("tiny").to_dict()
+    del old["vision"]["activation_function"]
+    assert acts(XVLAConfig.from_dict(old)) == {exact}
 
 
 def test_tokenizer_build_and_load(tmp_path) -> None:

@@ -52,6 +52,7 @@ def florence2_config(cfg: XVLAConfig) -> Florence2Config:
         "patch_prenorm": list(v.patch_prenorm),
         "drop_path_rate": v.drop_path_rate,
         "mlp_ratio": v.mlp_ratio,
+        "activation_function": v.activation_function,
         "projection_dim": t.d_model,  # image tokens share the text width
         "max_position_embeddings": v.max_position_embeddings,
         "max_temporal_embeddings": v.max_temporal_embeddings,
