@@ -739,7 +739,9 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
             sender.join(60)
         assert first == [200]
         _until(lambda: limits.connections == 0, "every client has left")
-        assert limits.buffered == 0 and trims  # bytes returned, and freed memory handed back to the OS
+        assert limits.buffered == 0  # bytes returned
+        # freed memory handed back to the OS; the trim runs in the loop's executor, so it may come a little later
+        _until(lambda: bool(trims), "the idle server released memory")
         assert _http(url, large)[0] == 200
 
 
