@@ -56,6 +56,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "base": {},
     "replan0.1": {"replan_s": 0.1},
     "replan0.4": {"replan_s": 0.4},
+    "replan0.6": {"replan_s": 0.6},
+    "replan0.8": {"replan_s": 0.8},
     "steps5": {"sample_steps": 5},
     "lr2e-3": {"lr": 2e-3},
     "lr5e-4": {"lr": 5e-4},

@@ -58,7 +58,7 @@ def _pose(
 
 
 # The table top is at z = 0.8 with its centre at the origin; robots stand at x ~ -0.56. The shipped fixed cameras
-# frame the whole table: at 64 px the 4 cm cube was 3-4 px and its +-3 cm of randomisation about 5 px, and the
+# frame the whole table: at 64 px the 4 cm cube was 2.3-4.6 px and its +-3 cm of randomisation about 5 px, and the
 # policy's first chunk followed the cube only in part (docs/demo.md, "What limits success"). Each fixed camera
 # now looks at the workspace above the cube's range (about 30-40 cm across), where the cube is about 6 px.
 _WORKSPACE = (-0.05, 0.0, 0.9)
