@@ -96,19 +96,28 @@ def test_merge_evaluations_pools_tasks_with_wilson_interval() -> None:
                     "success_rate": 0.75,
                     "ci95": [0, 1],
                     "mean_steps": 10.0,
+                    "milestones": {"reach": 4, "grasp": 3},
                     "outcomes": [],
                 }
             }
         },
         {
             "tasks": {
-                "b": {"successes": 0, "episodes": 6, "success_rate": 0.0, "ci95": [0, 1], "mean_steps": 20.0}
+                "b": {
+                    "successes": 0,
+                    "episodes": 6,
+                    "success_rate": 0.0,
+                    "ci95": [0, 1],
+                    "mean_steps": 20.0,
+                    "milestones": {"reach": 2, "grasp": 0},
+                }
             }
         },
     ]
     merged = merge_evaluations(parts)
     assert (merged["successes"], merged["episodes"], merged["success_rate"]) == (3, 10, 0.3)
     assert merged["mean_steps"] == pytest.approx(16.0)
+    assert merged["milestones"] == {"reach": 6, "grasp": 3}
     low, high = merged["ci95"]
     assert 0.1 < low < 0.3 < high < 0.61  # Wilson interval of 3/10: 0.108-0.603
     assert "outcomes" not in merged["tasks"]["a"]
@@ -185,7 +194,7 @@ def synthetic_results() -> dict[str, Any]:
             "pre_adaptation": _summary(1, 20),
             "adapted": _summary(9, 20),
         },
-        "pretrain_eval": {"rs_panda": _summary(3, 4)},
+        "pretrain_eval": {"rs_panda": {**_summary(3, 4), "milestones": {"reach": 4, "grasp": 3}}},
         "learning_curve": {
             "rs_panda": [
                 {"step": 10, "samples": 160, **_summary(1, 5)},
@@ -212,6 +221,7 @@ def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
         "## Learned soft prompts",
         "21:40",
         "| rs_panda | 1/5 | 3/4 |",
+        "| rs_panda | 75% (3/4; 95% CI 10-90%) | reach 4, grasp 3 of 4 |",
         "Wall-time target of this scale: 25:00, met.",
     ):
         assert needle in text, needle

@@ -897,12 +897,17 @@ def merge_evaluations(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     k = sum(t["successes"] for t in tasks.values())
     n = sum(t["episodes"] for t in tasks.values())
     steps = sum(t["mean_steps"] * t["episodes"] for t in tasks.values())
+    milestones: dict[str, int] = {}
+    for t in tasks.values():
+        for name, count in t.get("milestones", {}).items():
+            milestones[name] = milestones.get(name, 0) + count
     return {
         "successes": k,
         "episodes": n,
         "success_rate": k / n if n else 0.0,
         "ci95": list(wilson_interval(k, n)),
         "mean_steps": steps / n if n else 0.0,
+        "milestones": milestones,
         "tasks": tasks,
     }
 
@@ -1029,6 +1034,14 @@ def _rate(summary: Mapping[str, Any] | None) -> str:
     )
 
 
+def _milestones(summary: Mapping[str, Any] | None) -> str:
+    """Episodes that reached each sub-goal, e.g. 'reach 18, grasp 12 of 20' (where failures stop)."""
+    if not summary or not summary.get("milestones"):
+        return ""
+    reached = ", ".join(f"{name} {count}" for name, count in summary["milestones"].items())
+    return f"{reached} of {summary['episodes']}"
+
+
 CONDITION_TEXT = {
     "untrained": "untrained (random weights, same architecture)",
     "pre_adaptation": "pre-trained, not adapted (the prompt and heads adaptation starts from)",
@@ -1144,17 +1157,20 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
         f"and executes {cfg['replan_s']} s of each chunk before replanning; {cfg['sample_steps']} denoising "
         "steps per query. Success rates with 95% Wilson intervals.",
         "",
-        f"| policy on {held} | success |",
-        "|---|---|",
-        *[f"| {CONDITION_TEXT.get(k, k)} | {_rate(v)} |" for k, v in results["heldout_eval"].items()],
-        f"| oracle (recorded anchors, no model) | {_rate(results['oracle'].get(held))} |",
+        f"| policy on {held} | success | sub-goals reached |",
+        "|---|---|---|",
+        *[
+            f"| {CONDITION_TEXT.get(k, k)} | {_rate(v)} | {_milestones(v)} |"
+            for k, v in results["heldout_eval"].items()
+        ],
+        f"| oracle (recorded anchors, no model) | {_rate(results['oracle'].get(held))} | |",
         "",
     ]
     if results["pretrain_eval"]:
         lines += [
-            "| pre-trained policy on its own sources | success |",
-            "|---|---|",
-            *[f"| {k} | {_rate(v)} |" for k, v in results["pretrain_eval"].items()],
+            "| pre-trained policy on its own sources | success | sub-goals reached |",
+            "|---|---|---|",
+            *[f"| {k} | {_rate(v)} | {_milestones(v)} |" for k, v in results["pretrain_eval"].items()],
             "",
         ]
     lines += [f"![success rates]({plots['success'].relative_to(out)})", ""]

@@ -13,7 +13,7 @@ pytest.importorskip("mujoco")
 
 from xvla.data.episodes import open_dataset
 from xvla.data.sources import Mixture
-from xvla.sim.evaluate import evaluate, oracle_check, replay_actions, wilson_interval
+from xvla.sim.evaluate import eval_seed, evaluate, oracle_check, replay_actions, wilson_interval
 from xvla.sim.generate import read_manifest
 from xvla.sim.suite import SUITE, entry
 
@@ -73,6 +73,8 @@ def test_evaluate_plumbing(tmp_path: Path) -> None:
     )
     env.close()
     assert result["successes"] == 2 and result["tasks"]["Lift"]["episodes"] == 2
+    assert result["milestones"] == {"reach": 2, "grasp": 2}
+    assert result["tasks"]["Lift"]["outcomes"][0]["milestones"] == {"reach": True, "grasp": True}
     assert result["ci95"] == pytest.approx(list(wilson_interval(2, 2)))
     request = policy.requests[0]
     assert set(request["images"]) == {"observation.images.agentview", "observation.images.robot0_eye_in_hand"}
@@ -81,6 +83,29 @@ def test_evaluate_plumbing(tmp_path: Path) -> None:
     seeds = [o["seed"] for o in result["tasks"]["Lift"]["outcomes"]]
     assert len(set(seeds)) == 2
     assert (tmp_path / "rs_panda" / "Lift-000.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", list(SUITE))
+def test_milestones_start_unreached_and_the_expert_reaches_them(name: str) -> None:
+    """Every source names its sub-goals; none holds at the start of an episode, and the scripted expert
+    reaches each of them on its way to success (so a failed episode's milestones say where it stopped)."""
+    env = entry(name).factory(32)
+    try:
+        for task in env.spec.tasks:
+            obs = env.reset(eval_seed(0, 0), task)
+            start = env.milestones()
+            assert start and not any(start.values()), (task, start)
+            reached = dict.fromkeys(start, False)
+            for _ in range(env.max_steps):
+                env.step(env.expert(obs))
+                for key, now in env.milestones().items():
+                    reached[key] |= now
+                if env.success():
+                    break
+                obs = env.observe(render=False)
+            assert env.success() and all(reached.values()), (task, reached)
+    finally:
+        env.close()
 
 
 def test_evaluate_rejects_bad_replies() -> None:

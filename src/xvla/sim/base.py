@@ -106,6 +106,12 @@ class SimSource(ABC):
     def expert(self, obs: Observation) -> np.ndarray:
         """Native action [A] of the scripted privileged-state expert for the current step."""
 
+    def milestones(self) -> dict[str, bool]:
+        """Which sub-goals of the current task hold in the current state (privileged), in task order, success
+        excluded: e.g. ``{"reach": True, "grasp": False}``. Evaluation records which ones an episode ever
+        reached, so a failure says where it stopped. Empty where a source defines none."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release renderers and simulator resources."""
 

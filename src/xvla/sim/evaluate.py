@@ -71,7 +71,9 @@ def run_episode(
     max_steps: int | None = None,
     video: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """One closed-loop episode; returns {"success", "steps", "queries", "seconds"}."""
+    """One closed-loop episode; returns {"success", "steps", "queries", "seconds", "milestones"}, where
+    `milestones` names each of the source's sub-goals (`SimSource.milestones`) with whether the episode ever
+    reached it."""
     start = time.perf_counter()
     env.reset(seed, task)
     policy.reset()
@@ -79,6 +81,7 @@ def run_episode(
     queue: list[np.ndarray] = []
     queries = 0
     success = False
+    reached = dict.fromkeys(env.milestones(), False)
     flip = env.spec.flipped_cameras
     for _ in range(limit):
         if not queue:
@@ -95,6 +98,8 @@ def run_episode(
             image = env.observe(render=True).images[cam]
             video.append(image[::-1, ::-1] if cam in flip else image)
         env.step(queue.pop(0))
+        for name, now in env.milestones().items():
+            reached[name] = reached.get(name, False) or now
         if env.success():
             success = True
             break
@@ -103,6 +108,7 @@ def run_episode(
         "steps": env.steps,
         "queries": queries,
         "seconds": time.perf_counter() - start,
+        "milestones": reached,
     }
 
 
@@ -135,12 +141,17 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
 def _summary(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     k, n = sum(o["success"] for o in outcomes), len(outcomes)
     low, high = wilson_interval(k, n)
+    milestones: dict[str, int] = {}  # episodes that reached each sub-goal
+    for o in outcomes:
+        for name, hit in o.get("milestones", {}).items():
+            milestones[name] = milestones.get(name, 0) + int(hit)
     return {
         "successes": k,
         "episodes": n,
         "success_rate": k / n if n else 0.0,
         "ci95": [low, high],
         "mean_steps": float(np.mean([o["steps"] for o in outcomes])) if n else 0.0,
+        "milestones": milestones,
     }
 
 

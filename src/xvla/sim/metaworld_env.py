@@ -114,6 +114,10 @@ class MetaWorldSource(SimSource):
     def success(self) -> bool:
         return bool(self._info.get("success", False))
 
+    def milestones(self) -> dict[str, bool]:
+        """reach: Meta-World's own `near_object` (the gripper at the button or handle)."""
+        return {"reach": bool(self._info.get("near_object", False))}
+
     def expert(self, obs: Observation) -> np.ndarray:
         move = np.clip(self._policy.get_action(obs.privileged["obs"]), -1.0, 1.0)
         return np.concatenate([move[:3], np.zeros(3), move[3:]]).astype(np.float32)

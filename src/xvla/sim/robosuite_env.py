@@ -288,6 +288,18 @@ class RobosuiteSource(SimSource):
     def success(self) -> bool:
         return bool(self.env._check_success())
 
+    REACH_M = 0.02  # grip site within this distance of the cube's centre: the fingers are around the cube
+
+    def milestones(self) -> dict[str, bool]:
+        """reach (grip site at the cube), grasp (both finger pads touch it, robosuite's own check)."""
+        env = self.env
+        cube = env.cube if self.task == "Lift" else env.cubeA
+        eef, _ = self.eef_pose()
+        return {
+            "reach": bool(np.linalg.norm(eef - self.body_pos(self.grasp_body)) < self.REACH_M),
+            "grasp": bool(env._check_grasp(gripper=env.robots[0].gripper, object_geoms=cube)),
+        }
+
     def expert(self, obs: Observation) -> np.ndarray:
         assert self._expert is not None, "reset() first"
         return self._expert()

@@ -153,6 +153,14 @@ class SO100Source(SimSource):
         lifted = self.data.qpos[self._box_adr + 2] > 0.1
         return left and not right and self._table not in touching and lifted
 
+    def milestones(self) -> dict[str, bool]:
+        """The hand-over's stages: the right arm touches the cube (right_touch), holds it off the table alone
+        (right_hold), both arms hold it off the table (both_hold)."""
+        touching = self._box_contacts()
+        left, right = (bool(touching & geoms) for geoms in self._arm_geoms)
+        free = self._table not in touching
+        return {"right_touch": right, "right_hold": right and not left and free, "both_hold": left and right and free}
+
     def expert(self, obs: Observation) -> np.ndarray:
         # The shipped script ends at its last waypoint (step 400): hold that pose afterwards.
         if self._policy.step_count < self.spec.max_steps[self.task] - 1:
