@@ -159,7 +159,11 @@ class SO100Source(SimSource):
         touching = self._box_contacts()
         left, right = (bool(touching & geoms) for geoms in self._arm_geoms)
         free = self._table not in touching
-        return {"right_touch": right, "right_hold": right and not left and free, "both_hold": left and right and free}
+        return {
+            "right_touch": right,
+            "right_hold": right and not left and free,
+            "both_hold": left and right and free,
+        }
 
     def expert(self, obs: Observation) -> np.ndarray:
         # The shipped script ends at its last waypoint (step 400): hold that pose afterwards.
