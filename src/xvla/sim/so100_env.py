@@ -155,15 +155,11 @@ class SO100Source(SimSource):
 
     def milestones(self) -> dict[str, bool]:
         """The hand-over's stages: the right arm touches the cube (right_touch), holds it off the table alone
-        (right_hold), both arms hold it off the table (both_hold)."""
+        (right_hold), the left arm touches it off the table (left_touch; the right may already have let go)."""
         touching = self._box_contacts()
         left, right = (bool(touching & geoms) for geoms in self._arm_geoms)
         free = self._table not in touching
-        return {
-            "right_touch": right,
-            "right_hold": right and not left and free,
-            "both_hold": left and right and free,
-        }
+        return {"right_touch": right, "right_hold": right and not left and free, "left_touch": left and free}
 
     def expert(self, obs: Observation) -> np.ndarray:
         # The shipped script ends at its last waypoint (step 400): hold that pose afterwards.
