@@ -159,7 +159,14 @@ def synthetic_results() -> dict[str, Any]:
     }
     return {
         "config": cfg,
-        "machine": {"device": "CPU", "cpu_count": 2, "load_average": 0.5, "threads": 2, "workers": 2},
+        "machine": {
+            "device": "CPU",
+            "cpu_capability": "AVX2",
+            "cpu_count": 2,
+            "load_average": 0.5,
+            "threads": 2,
+            "workers": 2,
+        },
         "timing_s": {"generate": 200.0, "pretrain": 500.0, "total": 1300.0},
         "budget_s": cfg["budget_s"],
         "data": {"rs_panda": data, "rs_kinova3": {**data, "role": "held-out", "domain_id": 5}},
@@ -219,6 +226,7 @@ def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
         "45% (9/20; 95% CI 10-90%)",
         "| rs_panda | 4 |",
         "## Learned soft prompts",
+        "2 CPU cores, AVX2 kernels",
         "21:40",
         "| rs_panda | 1/5 | 3/4 |",
         "| rs_panda | 75% (3/4; 95% CI 10-90%) | reach 4, grasp 3 of 4 |",

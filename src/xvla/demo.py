@@ -1063,6 +1063,7 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
         "# X-VLA demo report",
         "",
         f"Scale `{cfg['scale']}`, seed {cfg['seed']}, on {machine['device']} ({machine['cpu_count']} CPU cores, "
+        f"{machine.get('cpu_capability', 'unknown')} kernels, "
         f"load average {machine['load_average']:.1f} at start, {machine['threads']} training thread(s), "
         f"{machine['workers']} simulator worker(s)); total wall time **{_duration(timing.get('total'))}**. "
         f"Every number below is in `results.json`.",
@@ -1404,13 +1405,25 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def _cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine(rt: Runtime) -> dict[str, Any]:
     import torch
 
     return {
-        "device": torch.cuda.get_device_name(0)
-        if rt.device == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(0) if rt.device == "cuda" else f"CPU ({_cpu_model()})",
+        # The widest SIMD torch uses here: kernels differ across it, and with them float sums, so a run
+        # reproduces on machines of the same CPU kind and thread count, not across kinds.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
         "threads": rt.threads,
