@@ -149,6 +149,9 @@ class XVLAConfig:
     # Options beyond the released model; off by default so checkpoint parity holds.
     mask_text_padding: bool = False
     mask_missing_views: bool = False
+    # The released model zeroes the proprio's gripper channels, so a policy cannot tell from its inputs whether
+    # it has already closed the gripper: at a grasp every query then starts with an open-then-close chunk.
+    proprio_gripper: bool = False  # feed the proprio's gripper channels to the network
 
     def __post_init__(self) -> None:
         for name, cls in (("vision", VisionConfig), ("text", TextConfig), ("head", HeadConfig)):

@@ -46,8 +46,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         {"objective": "velocity"},
         {"action_space": "auto", "real_action_dim": 7},
         {"action_space": "joint"},
+        {"proprio_gripper": True},
     ],
-    ids=["released", "masks", "velocity", "auto", "joint"],
+    ids=["released", "masks", "velocity", "auto", "joint", "proprio_gripper"],
 )
 def test_static_path_matches_eager(changes: dict[str, object]) -> None:
     model, batch = _model(**changes)

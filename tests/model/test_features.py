@@ -117,6 +117,29 @@ def test_action_spaces() -> None:
     assert pm[:, [9, 19]].abs().sum() == 0 and xm[..., [9, 19]].abs().sum() == 0 and xm.sum() == 2 * 30 * 18
 
 
+@pytest.mark.parametrize("proprio_gripper", [False, True])
+def test_proprio_gripper_reaches_the_network_only_when_asked(proprio_gripper: bool) -> None:
+    """Released: the proprio's gripper channels are zeroed (changing them changes nothing); with
+    `proprio_gripper` the network reads them. The other proprio channels always count."""
+    from .model_helpers import make_batch, small_config
+
+    cfg = small_config(proprio_gripper=proprio_gripper)
+    torch.manual_seed(0)
+    model = XVLA(cfg).eval()
+    batch = make_batch(cfg, b=2)
+    batch.pop("action")
+    noise = torch.randn(2, cfg.num_actions, model.action_space.dim)
+
+    def actions_with(channel: int) -> torch.Tensor:
+        changed = {**batch, "proprio": batch["proprio"].clone()}
+        changed["proprio"][:, channel] += 1.0
+        return model.generate(changed, steps=2, noise=noise)
+
+    base = model.generate(batch, steps=2, noise=noise)
+    assert not torch.allclose(actions_with(0), base)  # a position channel
+    assert torch.allclose(actions_with(9), base) != proprio_gripper  # the left gripper channel
+
+
 def test_register_new_action_space() -> None:
     @register_action_space("test_single_arm7")
     class SingleArm(ActionSpace):

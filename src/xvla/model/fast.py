@@ -182,7 +182,7 @@ class FastGenerator:
         space = self.net.action_space
         ones = torch.ones(space.dim, device=self.device, dtype=self.act_dtype)
         self._keep_x = space.mask_gripper(ones) if self.net.config.objective == "x0_renoise" else ones
-        self._keep_p = space.mask_gripper(
+        self._keep_p = self.net.proprio_input(
             torch.ones(self.net.config.proprio_dim, device=self.device, dtype=self.act_dtype)
         )
         self._encode_fn = self._encode

@@ -150,8 +150,12 @@ class XVLA(nn.Module):
         if self.config.objective == "x0_renoise":
             x_t = self.action_space.mask_gripper(x_t)
         # velocity: the net needs the noise on every channel, so only proprio inputs are masked
-        proprio = self.action_space.mask_gripper(proprio)
-        return self.denoise(x_t, t, proprio, domain_id, encoded)
+        return self.denoise(x_t, t, self.proprio_input(proprio), domain_id, encoded)
+
+    def proprio_input(self, proprio: Tensor) -> Tensor:
+        """proprio [B, P] as the network reads it: gripper channels zeroed as released, unless
+        `config.proprio_gripper`."""
+        return proprio if self.config.proprio_gripper else self.action_space.mask_gripper(proprio)
 
     def _encode_batch(self, batch: dict[str, Tensor]) -> EncodedObservation:
         return self.encode(
@@ -238,7 +242,7 @@ class XVLA(nn.Module):
             encoded.vlm_mask,
             encoded.aux_mask,
         )
-        proprio_in = self.action_space.mask_gripper(proprio)
+        proprio_in = self.proprio_input(proprio)
         zero_inputs = self.config.objective == "x0_renoise"
 
         def net(x_t: Tensor, t: Tensor) -> Tensor:
