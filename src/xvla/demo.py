@@ -239,7 +239,8 @@ def _scales() -> dict[str, DemoConfig]:
             budget_s={"generate": 20, "oracle": 5, "pretrain": 5, "adapt": 5, "evaluate": 10, "report": 5},
         ),
         "default": default,
-        # Up to 2 hours on 2 CPU cores: twice the demonstrations, four times the pre-training. Not yet measured.
+        # Up to 2 hours on 2 CPU cores: twice the demonstrations, four times the pre-training. Measured 49:04 from
+        # nothing on the 2-core Xeon of 6 December (docs/demo.md, Measured); the budget is that run's stages.
         "cpu-long": default.replace(
             scale="cpu-long",
             target_s=2 * 3600,
@@ -257,12 +258,12 @@ def _scales() -> dict[str, DemoConfig]:
             pretrain_eval_episodes=30,
             oracle_episodes=4,
             budget_s={
-                "generate": 480,
-                "oracle": 40,
-                "pretrain": 2400,
-                "adapt": 1800,
-                "evaluate": 900,
-                "report": 10,
+                "generate": 435,
+                "oracle": 20,
+                "pretrain": 1230,
+                "adapt": 935,
+                "evaluate": 335,
+                "report": 5,
             },
         ),
         # GPU scales: bigger data, model, images and evaluations; simulation stays on the CPU.
