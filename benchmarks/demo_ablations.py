@@ -49,7 +49,7 @@ ADAPT_FIELDS = frozenset(
     {"adapt_prompt_steps", "adapt_steps", "adapt_lr", "adapt_mode", "adapt_init", "scratch_baseline"}
 )
 
-_DEMO_MODEL = {"num_views": 2}
+_DEMO_MODEL = demo.DemoConfig().model_overrides
 
 # name -> DemoConfig changes from the default scale
 ARMS: dict[str, dict[str, Any]] = {
@@ -67,7 +67,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "nojitter": {"augment": {"color_jitter": False, "shift_px": 0}},
     "shift4": {"augment": {"color_jitter": True, "shift_px": 4}},
     "head256x2": {"model_overrides": {**_DEMO_MODEL, "head.hidden_size": 256, "head.depth": 2}},
-    "episodes40": {"episodes": 40},
+    "episodes40": {"episodes": 40, "heldout_episodes": 40},
+    "hidden-gripper": {"model_overrides": {**_DEMO_MODEL, "proprio_gripper": False}},
     "adapt-lr3e-4": {"adapt_lr": 3e-4},
     "adapt-lr2e-3": {"adapt_lr": 2e-3},
     # single-source overfit check (issue #12): the same budget on one robot alone

@@ -73,7 +73,7 @@ def test_overrides_are_typed_and_named() -> None:
     ("changes", "message"),
     [
         ({"adapt_prompt_steps": DemoConfig().adapt_steps}, "adapt_prompt_steps"),  # must leave stage-2 steps
-        ({"val_episodes": 20}, "val_episodes"),
+        ({"val_episodes": DemoConfig().episodes}, "val_episodes"),  # must leave training episodes
         ({"adapt_mode": "half"}, "adapt_mode"),
         ({"adapt_init": "scratch"}, "adapt_init"),
         ({"episodes": 0}, "episodes"),
