@@ -904,7 +904,7 @@ def eval_jobs(
 
 def merge_evaluations(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-task `evaluate` results of one policy on one source -> totals with a 95% Wilson interval."""
-    from xvla.sim.evaluate import wilson_interval
+    from xvla.sim.evaluate import count_milestones, wilson_interval
 
     tasks: dict[str, Any] = {}
     for part in parts:
@@ -913,10 +913,7 @@ def merge_evaluations(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     k = sum(t["successes"] for t in tasks.values())
     n = sum(t["episodes"] for t in tasks.values())
     steps = sum(t["mean_steps"] * t["episodes"] for t in tasks.values())
-    milestones: dict[str, int] = {}
-    for t in tasks.values():
-        for name, count in t.get("milestones", {}).items():
-            milestones[name] = milestones.get(name, 0) + count
+    milestones = count_milestones(t.get("milestones", {}) for t in tasks.values())
     return {
         "successes": k,
         "episodes": n,

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -138,13 +138,19 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
             container.mux(packet)
 
 
+def count_milestones(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Episodes that reached each sub-goal, summed over episodes' flags or over summaries' counts."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for name, count in part.items():
+            total[name] = total.get(name, 0) + int(count)
+    return total
+
+
 def _summary(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     k, n = sum(o["success"] for o in outcomes), len(outcomes)
     low, high = wilson_interval(k, n)
-    milestones: dict[str, int] = {}  # episodes that reached each sub-goal
-    for o in outcomes:
-        for name, hit in o.get("milestones", {}).items():
-            milestones[name] = milestones.get(name, 0) + int(hit)
+    milestones = count_milestones(o.get("milestones", {}) for o in outcomes)
     return {
         "successes": k,
         "episodes": n,
