@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from xvla import demo  # noqa: E402
+from xvla.demo import stages  # noqa: E402
+from xvla.sim.evaluate import merge_evaluations  # noqa: E402
+from xvla.sim.jobs import run_jobs  # noqa: E402
 
 # Fields that only change how a trained policy is evaluated: arms differing only in these share the training.
 EVAL_FIELDS = frozenset(
@@ -85,7 +88,7 @@ def training_key(cfg: demo.DemoConfig, adaptation: bool = False) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def evaluate_adapted(cfg: demo.DemoConfig, rt: demo.Runtime, mixture: Path, adapted: dict[str, Any]) -> Any:
+def evaluate_adapted(cfg: demo.DemoConfig, rt: stages.Runtime, mixture: Path, adapted: dict[str, Any]) -> Any:
     """Success of the adapted checkpoint on the held-out robot, `cfg.eval_episodes` per task."""
     from xvla.data.sources import Mixture
     from xvla.sim.suite import parse_selection
@@ -93,12 +96,12 @@ def evaluate_adapted(cfg: demo.DemoConfig, rt: demo.Runtime, mixture: Path, adap
     (held,) = Mixture.load(mixture).sources
     source = dataclasses.replace(held, domain_id=adapted["domain_id"])
     (tasks,) = parse_selection([cfg.heldout_source]).values()
-    jobs = demo.eval_jobs(cfg, rt, source, tasks, adapted["checkpoint"], cfg.eval_episodes)
-    return demo.merge_evaluations(demo._run_jobs(jobs, rt, "evaluate held-out"))
+    jobs = stages.eval_jobs(cfg, rt, source, tasks, adapted["checkpoint"], cfg.eval_episodes)
+    return merge_evaluations(run_jobs(jobs, rt.workers, progress=rt.progress, desc="evaluate held-out"))
 
 
 def evaluate_pretrained(
-    cfg: demo.DemoConfig, rt: demo.Runtime, mixture: Path, checkpoint: Path, episodes: int
+    cfg: demo.DemoConfig, rt: stages.Runtime, mixture: Path, checkpoint: Path, episodes: int
 ) -> dict[str, Any]:
     """Success of `checkpoint` on every pre-training task, `episodes` per task (the demo's evaluation seeds)."""
     from xvla.data.sources import Mixture
@@ -109,12 +112,14 @@ def evaluate_pretrained(
     jobs = [
         job
         for name, tasks in parse_selection(list(cfg.pretrain_sources)).items()
-        for job in demo.eval_jobs(cfg, rt, sources[name], tasks, str(checkpoint), episodes)
+        for job in stages.eval_jobs(cfg, rt, sources[name], tasks, str(checkpoint), episodes)
     ]
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for job, result in zip(jobs, demo._run_jobs(jobs, rt, "evaluate"), strict=True):
+    for job, result in zip(
+        jobs, run_jobs(jobs, rt.workers, progress=rt.progress, desc="evaluate"), strict=True
+    ):
         grouped.setdefault(job.source, []).append(result)
-    per_source = {name: demo.merge_evaluations(parts) for name, parts in grouped.items()}
+    per_source = {name: merge_evaluations(parts) for name, parts in grouped.items()}
     k = sum(s["successes"] for s in per_source.values())
     n = sum(s["episodes"] for s in per_source.values())
     total = {"successes": k, "episodes": n, "success_rate": k / n, "ci95": list(wilson_interval(k, n))}
@@ -131,7 +136,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return json.loads(record.read_text())
     cfg = demo.SCALES[args.scale].replace(**ARMS[name])
     key = training_key(cfg)
-    rt = demo.Runtime(
+    rt = stages.Runtime(
         out=args.out / key,
         data=args.data,
         device="cpu",
@@ -141,17 +146,17 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
     )
     torch.set_num_threads(args.threads)
-    mixtures = demo.generate_data(cfg, rt)
+    mixtures = stages.generate_data(cfg, rt)
     summary_file = rt.out / "pretrain_summary.json"
     t0 = time.perf_counter()
     if args.pretrained is not None:
         if key != training_key(demo.SCALES[args.scale]):
             raise SystemExit(f"--pretrained: arm {name!r} changes pre-training; run it without --pretrained")
-        summary = demo._training_summary(args.pretrained.parent.parent, args.pretrained)
+        summary = stages.training_summary(args.pretrained.parent.parent, args.pretrained)
     elif summary_file.exists():
         summary = json.loads(summary_file.read_text())
     else:
-        summary = demo.pretrain(cfg.replace(curve_points=0), rt, mixtures)
+        summary = stages.pretrain(cfg.replace(curve_points=0), rt, mixtures)
         summary["wall_s"] = round(time.perf_counter() - t0, 1)
         summary_file.write_text(json.dumps(summary))
     t1 = time.perf_counter()
@@ -162,12 +167,12 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.heldout:
         art = dataclasses.replace(rt, out=rt.out / f"adapt-{training_key(cfg, adaptation=True)}")
         adapt_file = art.out / "adapt_summary.json"
-        adapt_mixtures = demo.generate_data(cfg, art)
+        adapt_mixtures = stages.generate_data(cfg, art)
         if adapt_file.exists():
             adapted = json.loads(adapt_file.read_text())
         else:
             t2 = time.perf_counter()
-            adapted = demo.adapt_heldout(cfg, art, adapt_mixtures, Path(summary["checkpoint"]))
+            adapted = stages.adapt_heldout(cfg, art, adapt_mixtures, Path(summary["checkpoint"]))
             adapted["wall_s"] = round(time.perf_counter() - t2, 1)
             adapt_file.write_text(json.dumps(adapted))
         heldout = {

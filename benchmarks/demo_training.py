@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import _common as C
-from xvla import demo
+from xvla import demo, devices
 from xvla.data.sources import Mixture
+from xvla.demo import stages
 
 # name -> (DemoConfig changes, torch threads (None = every core), frame cache GiB, fused AdamW)
 VARIANTS: dict[str, tuple[dict[str, Any], int | None, float, bool]] = {
@@ -63,17 +64,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], int | None, float, bool]] = {
 
 def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Path, int]:
     """Write the variant's TrainConfig JSON (and mixture) into `folder`; returns (config path, threads)."""
-    from xvla.train.config import save_config
+    from xvla.configio import save_config
 
     changes, threads, cache_gib, fused = VARIANTS[name]
     cfg = demo.DemoConfig().replace(**changes)
-    threads = threads or demo.default_threads()
-    rt = demo.Runtime(out=folder, data=data, device="cpu", workers=1, threads=threads, progress=False)
-    mixture = demo._cached_mixture(data, cfg.pretrain_sources, cfg.episodes)
+    threads = threads or devices.default_threads()
+    rt = stages.Runtime(out=folder, data=data, device="cpu", workers=1, threads=threads, progress=False)
+    mixture = stages.cached_mixture(data, cfg.pretrain_sources, cfg.episodes)
     mixture = Mixture(tuple(dataclasses.replace(s, val_count=cfg.val_episodes) for s in mixture.sources))
     mixture.save(folder / "mixture.json")
     num_domains = max(s.domain_id for s in mixture.sources) + 1
-    tcfg = demo._train_config(
+    tcfg = stages.train_config(
         cfg,
         rt,
         output=folder / "run",
@@ -81,7 +82,7 @@ def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Path,
         steps=steps,
         lr=cfg.lr,
         prompt_steps=0,
-        model={"preset": cfg.preset, "overrides": demo._model_overrides(cfg, num_domains)},
+        model={"preset": cfg.preset, "overrides": stages.model_config_overrides(cfg, num_domains)},
     )
     tcfg = dataclasses.replace(
         tcfg,
@@ -99,7 +100,8 @@ def run_one(config: Path, threads: int) -> list[float]:
     """Train in a fresh process; the logged samples/s after the first interval."""
     code = (
         "import sys, torch; torch.set_num_threads(int(sys.argv[2]));"
-        "from xvla.train.config import TrainConfig, load_config; from xvla.train.trainer import train;"
+        "from xvla.configio import load_config; from xvla.train.config import TrainConfig;"
+        "from xvla.train.trainer import train;"
         "train(load_config(TrainConfig, sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONPATH": str(C.REPO / "src")}

@@ -18,7 +18,7 @@ _COMMAND_MODULES = (
     "xvla.train.cli",  # train, adapt
     "xvla.serve.cli",  # serve, replay
     "xvla.sim.cli",  # sim generate/eval
-    "xvla.demo",  # demo (the main job)
+    "xvla.demo.cli",  # demo (the main job)
 )
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from xvla import configio
+
 Objective = Literal["x0_renoise", "velocity"]
 OBJECTIVES: tuple[str, ...] = ("x0_renoise", "velocity")
 
@@ -26,14 +28,6 @@ def _tuplify(obj: Any) -> None:
         value = getattr(obj, f.name)
         if isinstance(value, list):
             object.__setattr__(obj, f.name, tuple(value))
-
-
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; expected a subset of {sorted(names)}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -154,10 +148,6 @@ class XVLAConfig:
     proprio_gripper: bool = False  # feed the proprio's gripper channels to the network
 
     def __post_init__(self) -> None:
-        for name, cls in (("vision", VisionConfig), ("text", TextConfig), ("head", HeadConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                object.__setattr__(self, name, _from_dict(cls, value, f"XVLAConfig.{name}"))
         if self.objective not in OBJECTIVES:
             raise ValueError(f"XVLAConfig.objective: expected one of {OBJECTIVES}, got {self.objective!r}")
         if not self.num_views >= 1:
@@ -190,12 +180,12 @@ class XVLAConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return configio.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> XVLAConfig:
-        data = {k: v for k, v in data.items() if k != "format"}
-        return _from_dict(cls, data, "XVLAConfig")
+        """Strict and typed (`xvla.configio`); the `format` marker of `config.json` is skipped."""
+        return configio.from_dict(cls, {k: v for k, v in data.items() if k != "format"}, path="XVLAConfig")
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"format": "xvla", **self.to_dict()}, indent=2) + "\n")

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+
+from xvla import configio
 
 STAGES = ("generate", "oracle", "pretrain", "adapt", "evaluate", "report")
 ADAPT_MODES = ("full", "lora", "prompt")
@@ -198,7 +199,7 @@ class DemoConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return configio.to_dict(self)
 
     @property
     def heldout_name(self) -> str:
@@ -382,33 +383,11 @@ SCALES: dict[str, DemoConfig] = _scales()
 
 
 def demo_config(scale: str = "default", overrides: Sequence[str] = ()) -> DemoConfig:
-    """A scale preset with `field=value` overrides (values parsed as YAML: `episodes=5`, `adapt_mode=lora`)."""
+    """A scale preset with `field=value` overrides (`episodes=5`, `adapt_mode=lora`, `model_overrides.head.depth=2`;
+    values parsed as YAML, typed by `xvla.configio`)."""
     if scale not in SCALES:
         raise ValueError(f"scale: unknown {scale!r}; expected one of {sorted(SCALES)}")
-    cfg = SCALES[scale]
-    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        value = yaml.safe_load(raw)
-        current = getattr(cfg, key)
-        if current is None or value is None:  # an optional field (`ema_decay`, `target_s`): float or none
-            try:
-                changes[key] = None if value is None else float(value)  # YAML 1.1 reads 1e-3 as a string
-            except (TypeError, ValueError):
-                raise ValueError(f"--set {key}: expected a number or null, got {raw!r}") from None
-            continue
-        if isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = float(value)  # YAML 1.1 reads 3e-4 as a string
-        if isinstance(current, tuple):
-            value = tuple(value) if isinstance(value, list) else tuple(str(value).split(";"))
-        if not isinstance(value, type(current)) or (isinstance(value, bool) != isinstance(current, bool)):
-            raise ValueError(f"--set {key}: expected {type(current).__name__}, got {raw!r}")
-        changes[key] = value
-    return cfg.replace(**changes)
+    return configio.replace(SCALES[scale], configio.parse_overrides(overrides, example="episodes=5"))
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -642,7 +621,8 @@ def _train_config(
     checkpoints: int = 1,
 ) -> Any:
     """The run's TrainConfig; a checkpoint every `steps // checkpoints` steps and at `steps`, all kept."""
-    from xvla.train.config import TrainConfig, from_dict
+    from xvla.configio import from_dict
+    from xvla.train.config import TrainConfig
 
     return from_dict(
         TrainConfig,

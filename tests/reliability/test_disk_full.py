@@ -15,10 +15,10 @@ import torch
 
 from train.helpers import arc_datasets, make_config, mixture
 from xvla.cli import main
+from xvla.configio import to_dict
 from xvla.model import checkpoint as model_checkpoint
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing
-from xvla.train.config import to_dict
 from xvla.train.trainer import train
 
 

@@ -23,9 +23,10 @@ import torch
 
 import xvla
 from train.helpers import arc_datasets, make_config, mixture
+from xvla.configio import to_dict
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing
-from xvla.train.config import TrainConfig, to_dict
+from xvla.train.config import TrainConfig
 from xvla.train.trainer import HISTORY_FILE, VALIDATION_FILE, train
 
 TRIALS = 20

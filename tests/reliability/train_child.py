@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from xvla.configio import load_config
 from xvla.model import checkpoint as model_checkpoint
-from xvla.train.config import TrainConfig, load_config
+from xvla.train.config import TrainConfig
 from xvla.train.trainer import train
 
 

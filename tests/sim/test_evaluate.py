@@ -13,7 +13,14 @@ pytest.importorskip("mujoco")
 
 from xvla.data.episodes import open_dataset
 from xvla.data.sources import Mixture
-from xvla.sim.evaluate import eval_seed, evaluate, oracle_check, replay_actions, wilson_interval
+from xvla.sim.evaluate import (
+    eval_seed,
+    evaluate,
+    merge_evaluations,
+    oracle_check,
+    replay_actions,
+    wilson_interval,
+)
 from xvla.sim.generate import read_manifest
 from xvla.sim.suite import SUITE, entry
 
@@ -126,3 +133,40 @@ def test_oracle_reaches_expert_success(suite: Path, name: str) -> None:
     result = oracle_check(suite, name, progress=False)
     assert result["episodes"] == 2 and result["successes"] == 2
     assert result["ratio_to_expert"] >= 0.9
+
+
+def test_merge_evaluations_pools_tasks_with_wilson_interval() -> None:
+    parts = [
+        {
+            "tasks": {
+                "a": {
+                    "successes": 3,
+                    "episodes": 4,
+                    "success_rate": 0.75,
+                    "ci95": [0, 1],
+                    "mean_steps": 10.0,
+                    "milestones": {"reach": 4, "grasp": 3},
+                    "outcomes": [],
+                }
+            }
+        },
+        {
+            "tasks": {
+                "b": {
+                    "successes": 0,
+                    "episodes": 6,
+                    "success_rate": 0.0,
+                    "ci95": [0, 1],
+                    "mean_steps": 20.0,
+                    "milestones": {"reach": 2, "grasp": 0},
+                }
+            }
+        },
+    ]
+    merged = merge_evaluations(parts)
+    assert (merged["successes"], merged["episodes"], merged["success_rate"]) == (3, 10, 0.3)
+    assert merged["mean_steps"] == pytest.approx(16.0)
+    assert merged["milestones"] == {"reach": 6, "grasp": 3}
+    low, high = merged["ci95"]
+    assert 0.1 < low < 0.3 < high < 0.61  # Wilson interval of 3/10: 0.108-0.603
+    assert "outcomes" not in merged["tasks"]["a"]

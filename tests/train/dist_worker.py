@@ -23,8 +23,9 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, set_seed
 
+from xvla.configio import load_config
 from xvla.train import checkpointing, trainer
-from xvla.train.config import TrainConfig, load_config
+from xvla.train.config import TrainConfig
 
 
 class Stopped(Exception):

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from xvla.configio import apply_overrides, from_dict, to_dict
 from xvla.data.lerobot_writer import LeRobotV3Writer
-from xvla.train.config import AdaptConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from xvla.train.config import AdaptConfig, TrainConfig
 
 SIZE = 32  # stored image side (the model resizes to 64)
 ARMS = [{"position": [0, 1, 2], "rotation": [3, 4, 5, 6], "gripper": 7}]  # x y z | quat xyzw | gripper

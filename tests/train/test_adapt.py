@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from xvla.configio import ConfigError
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
@@ -16,7 +17,6 @@ from xvla.model.xvla import XVLA
 from xvla.serve.policy import Policy
 from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
 from xvla.train.checkpointing import STATE
-from xvla.train.config import ConfigError
 from xvla.train.trainer import HISTORY_FILE, make_accelerator
 
 from .helpers import adapt_config, mixture, source_dict

@@ -11,11 +11,11 @@ import yaml
 from torch._utils import ExceptionWrapper
 
 from xvla.cli import main
+from xvla.configio import to_dict
 from xvla.data.mixture import MixtureDataError
 from xvla.model.xvla import XVLA
 from xvla.train.checkpointing import STATE, checkpoint_path
 from xvla.train.cli import one_line
-from xvla.train.config import to_dict
 
 from .helpers import adapt_config, make_config, mixture, source_dict, write_dataset
 

@@ -7,15 +7,8 @@ import json
 import pytest
 import yaml
 
-from xvla.train.config import (
-    AdaptConfig,
-    ConfigError,
-    TrainConfig,
-    from_dict,
-    load_config,
-    save_config,
-    to_dict,
-)
+from xvla.configio import ConfigError, from_dict, load_config, save_config, to_dict
+from xvla.train.config import AdaptConfig, TrainConfig
 
 
 def test_json_and_yaml_round_trip(tmp_path):

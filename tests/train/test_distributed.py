@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from xvla.configio import save_config
 from xvla.train.checkpointing import checkpoint_path
-from xvla.train.config import save_config
 
 from .helpers import make_config, mixture
 

@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from xvla.configio import ConfigError
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing, trainer
-from xvla.train.config import ConfigError
 from xvla.train.trainer import build_job, make_accelerator, run, train
 
 from .helpers import make_config, mixture, source_dict, write_dataset
@@ -155,7 +155,7 @@ def test_refuses_checkpoint_of_another_architecture(tmp_path, datasets):
     [
         (("model.overrides.action_space=joint",), "action space 'ee6d' conflicts with the model's 'joint'"),
         (("model.overrides.head.num_domains=1",), "domain_id 1 is outside the model's 1 domains"),
-        (("model.overrides.head.width=3",), "'head.width' is not an XVLAConfig field"),
+        (("model.overrides.head.width=3",), "unknown config key 'head.width'"),
         (("fsdp=true",), "fsdp: needs GPUs"),
     ],
 )

@@ -161,6 +161,27 @@ def _summary(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def merge_evaluations(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-task `evaluate` results of one policy on one source -> totals with a 95% Wilson interval."""
+    tasks: dict[str, Any] = {}
+    for part in parts:
+        for task, value in part["tasks"].items():
+            tasks[task] = {k: v for k, v in value.items() if k != "outcomes"}
+    k = sum(t["successes"] for t in tasks.values())
+    n = sum(t["episodes"] for t in tasks.values())
+    steps = sum(t["mean_steps"] * t["episodes"] for t in tasks.values())
+    milestones = count_milestones(t.get("milestones", {}) for t in tasks.values())
+    return {
+        "successes": k,
+        "episodes": n,
+        "success_rate": k / n if n else 0.0,
+        "ci95": list(wilson_interval(k, n)),
+        "mean_steps": steps / n if n else 0.0,
+        "milestones": milestones,
+        "tasks": tasks,
+    }
+
+
 def _execute_steps(env: SimSource, replan_s: float) -> int:
     return max(1, round(replan_s * env.spec.fps))
 

@@ -12,7 +12,7 @@ _LAZY = {
     "train": "xvla.train.trainer",
     "TrainConfig": "xvla.train.config",
     "AdaptConfig": "xvla.train.config",
-    "load_config": "xvla.train.config",
+    "load_config": "xvla.configio",
 }
 __all__ = sorted(_LAZY)
 

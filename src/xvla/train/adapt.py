@@ -23,12 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from xvla.configio import ConfigError
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
-from xvla.train.config import AdaptConfig, ConfigError, LoraSettings
+from xvla.train.config import AdaptConfig, LoraSettings
 from xvla.train.optim import PROMPT_PHASE_GROUPS
 from xvla.train.trainer import (
     ALL_GROUPS,

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from xvla.configio import ConfigError, load_config
 from xvla.data.mixture import MixtureDataError
 from xvla.data.sources import SourceError
-from xvla.train.config import AdaptConfig, ConfigError, TrainConfig, load_config
+from xvla.train.config import AdaptConfig, TrainConfig
 
 # Errors whose message says everything; anything else keeps its traceback.
 USER_ERRORS = (ConfigError, SourceError, MixtureDataError, FileExistsError, FileNotFoundError, ValueError)

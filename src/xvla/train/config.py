@@ -1,32 +1,17 @@
-"""Training and adaptation configs: frozen dataclasses, JSON/YAML files and dotted `--override`s.
+"""Training and adaptation configs: frozen dataclasses, read and written by `xvla.configio`.
 
-Every field has a default except what a run cannot guess (the data mixture). Loading is strict: an unknown
-key is an error that names it and lists close matches, and a value of the wrong type names its field.
+Every field has a default except what a run cannot guess (the data mixture).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import types
-import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-
+from xvla.configio import ConfigError, get_dotted
 from xvla.data.transforms import Augment
 
-T = TypeVar("T")
-
 GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +124,7 @@ class TrainConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"{name}: invalid value {_get(self, name)!r}")
+                raise ConfigError(f"{name}: invalid value {get_dotted(self, name)!r}")
         if self.fsdp and self.model.compile:
             raise ConfigError("model.compile: not supported together with fsdp")
         if self.checkpoint.ema_decay is not None and not 0.0 < self.checkpoint.ema_decay < 1.0:
@@ -172,146 +157,3 @@ class AdaptConfig:
     # Stage 2 trains everything ("full"), LoRA adapters + prompt + heads ("lora"), or prompt + heads ("prompt").
     mode: Literal["full", "lora", "prompt"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# (de)serialisation
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-serialisable dict of a config dataclass (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
-    """Build `cls` from a (nested) mapping; unknown keys and wrong types raise ConfigError naming the key."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            raise ConfigError(_unknown_key(name, key, list(fields)))
-        kwargs[key] = _coerce(hints[key], value, name)
-    return cls(**kwargs)
-
-
-def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
-    """Read a JSON or YAML config file, apply `key.sub=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return from_dict(cls, apply_overrides(cls, data, overrides))
-
-
-def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of `data` with dotted `a.b=value` overrides set; unknown keys are errors."""
-    data = json.loads(json.dumps(data))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
-        parts = key.strip().split(".")
-        _check_path(cls, parts)
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = _parse_value(raw)
-    return data
-
-
-def _parse_value(raw: str) -> Any:
-    """YAML scalars/lists, except that YAML 1.1 reads `3e-4` as a string: JSON numbers win."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-
-def _check_path(cls: type, parts: list[str]) -> None:
-    """Raise for a dotted key that names no field (free-form dict fields accept any sub-key)."""
-    current: Any = cls
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(current):
-            return  # inside a free-form mapping
-        fields = {f.name for f in dataclasses.fields(current)}
-        if part not in fields:
-            raise ConfigError(_unknown_key(".".join(parts[: i + 1]), part, sorted(fields)))
-        hint = typing.get_type_hints(current)[part]
-        current = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), hint)
-
-
-def _unknown_key(name: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key {name!r}{hint} (valid keys here: {', '.join(sorted(known))})"
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path=name)  # type: ignore[arg-type]
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, name)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: {value!r} matches none of {_type_name(hint)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: expected one of {list(args)}, got {value!r}")
-        return value
-    if hint is Any:
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{name}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{name}: expected {_type_name(hint)}, got {value!r}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg

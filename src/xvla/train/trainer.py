@@ -39,7 +39,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from xvla import configio
 from xvla.config import XVLAConfig, get_preset
+from xvla.configio import ConfigError, save_config, to_dict
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
@@ -51,7 +53,7 @@ from xvla.model.fast import (  # the repeated layers: FSDP units, recompute, com
 from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing as ckpt
-from xvla.train.config import ConfigError, TrainConfig, save_config, to_dict
+from xvla.train.config import TrainConfig
 from xvla.train.optim import (
     PROMPT_PHASE_GROUPS,
     build_optimizer,
@@ -129,20 +131,10 @@ def build_job(cfg: TrainConfig) -> Job:
 
 def preset_config(name: str, overrides: dict[str, Any]) -> XVLAConfig:
     """A preset with field overrides, dotted or nested ({"image_size": 64, "head.num_domains": 4})."""
-    data = get_preset(name).to_dict()
-    for key, value in _flat(overrides, keep_types=True).items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"model.overrides: {key!r}: {part!r} is not a section of XVLAConfig")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(
-                f"model.overrides: {key!r} is not an XVLAConfig field (known here: {sorted(node)})"
-            )
-        node[leaf] = value
-    return XVLAConfig.from_dict(data)
+    try:
+        return configio.replace(get_preset(name), overrides)
+    except ConfigError as err:
+        raise ConfigError(f"model.overrides: {err}") from None
 
 
 def preset_tokenizer(name: str | None, config: XVLAConfig) -> Any:

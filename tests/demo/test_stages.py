@@ -1,0 +1,94 @@
+"""`xvla.demo.stages`: one `--scale smoke` run end to end, --skip-generate errors, learning-curve steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xvla.demo import SCALES, stages
+
+from .results_helpers import RESULT_KEYS, SUMMARY_KEYS
+
+
+def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("mujoco")
+    pytest.importorskip("robosuite")
+    from xvla.demo import main
+
+    out = tmp_path / "demo"
+    assert (
+        main(
+            [
+                "--scale",
+                "smoke",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == RESULT_KEYS
+    cfg = SCALES["smoke"]
+    held = cfg.heldout_name
+    assert set(results["heldout_eval"]) == {"untrained", "pre_adaptation", "adapted", "scratch"}
+    for summary in results["heldout_eval"].values():
+        assert set(summary) >= SUMMARY_KEYS and summary["episodes"] == cfg.eval_episodes
+    # the learning curve: the intermediate checkpoint (step 2 of 4), then the final one, per pre-training source
+    assert set(results["learning_curve"]) == set(cfg.pretrain_names)
+    assert all([p["step"] for p in points] == [2, 4] for points in results["learning_curve"].values())
+    assert set(results["data"]) == {*cfg.pretrain_names, held}
+    assert set(results["pretrain"]["validation"]["per_source"]) == set(cfg.pretrain_names)
+    assert set(results["oracle"]) == {*cfg.pretrain_names, held}
+    assert results["adapt"]["domain_id"] == len(cfg.pretrain_names)  # a new domain after the trained ones
+    assert results["adapt"]["init_from"] in cfg.pretrain_names
+    assert set(results["soft_prompts"]["domains"]) == {*cfg.pretrain_names, held}
+    assert set(results["timing_s"]) == {
+        "generate",
+        "oracle",
+        "pretrain",
+        "adapt",
+        "evaluate",
+        "report",
+        "total",
+    }
+    report = (out / "report.md").read_text()
+    assert "## Closed-loop success" in report and "95% CI" in report
+    for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png"):
+        assert (out / "plots" / plot).stat().st_size > 0
+    assert list((out / "videos").rglob("*.mp4"))
+
+
+def test_skip_generate_without_data_names_the_missing_source(tmp_path: Path) -> None:
+    pytest.importorskip("mujoco")
+    from xvla.demo.stages import Runtime, generate_data
+
+    rt = Runtime(
+        out=tmp_path,
+        data=tmp_path / "data",
+        device="cpu",
+        workers=1,
+        threads=1,
+        skip_generate=True,
+        progress=False,
+    )
+    with pytest.raises(FileNotFoundError, match="--skip-generate: no generated dataset for 'mw_sawyer'"):
+        generate_data(SCALES["smoke"], rt)
+
+
+def test_learning_curve_steps_split_pretraining_evenly() -> None:
+    cfg = SCALES["default"].replace(pretrain_steps=1200, curve_points=2)
+    assert stages.curve_steps(cfg) == [400, 800]
+    assert stages.curve_steps(cfg.replace(curve_points=0)) == []
+    assert stages.curve_steps(cfg.replace(pretrain_steps=7, curve_points=1)) == [3]  # checkpoints at 3, 6, 7
+    with pytest.raises(ValueError, match="curve_points"):
+        SCALES["default"].replace(pretrain_steps=3, curve_points=3)

@@ -1,0 +1,23 @@
+"""`xvla.devices`: thread and device resolution shared by train, serve and demo."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from xvla import devices
+
+
+def test_training_threads_use_every_core_whatever_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The previous rule subtracted the load average, so a run right after data generation trained on 1 of 2
+    # cores, and two machines of one kind could pick different thread counts (and so different float sums).
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
+    assert devices.default_threads() == len(os.sched_getaffinity(0))
+
+
+def test_device_names_are_checked() -> None:
+    assert devices.resolve_device("cpu") == "cpu"
+    assert devices.resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="--device: expected auto, cpu or cuda, got 'tpu'"):
+        devices.resolve_device("tpu")
