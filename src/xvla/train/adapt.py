@@ -29,9 +29,8 @@ from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train.config import AdaptConfig, ConfigError, LoraSettings
-from xvla.train.optim import PROMPT_PHASE_GROUPS
+from xvla.train.optim import ALL_GROUPS, PROMPT_PHASE_GROUPS
 from xvla.train.trainer import (
-    ALL_GROUPS,
     Job,
     TransformedStream,
     check_mixture,

@@ -22,8 +22,6 @@ from xvla.data.transforms import Augment
 
 T = TypeVar("T")
 
-GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
-
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -242,6 +240,20 @@ def _parse_value(raw: str) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def flatten(
+    data: dict[str, Any], prefix: str = "", sep: str = ".", keep_types: bool = False
+) -> dict[str, Any]:
+    """Nested dicts -> {"a.b": value}; values other than scalars become strings unless `keep_types`."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name, sep, keep_types))
+        else:
+            out[name] = value if keep_types or isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def _check_path(cls: type, parts: list[str]) -> None:

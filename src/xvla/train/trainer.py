@@ -51,8 +51,9 @@ from xvla.model.fast import (  # the repeated layers: FSDP units, recompute, com
 from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing as ckpt
-from xvla.train.config import ConfigError, TrainConfig, save_config, to_dict
+from xvla.train.config import ConfigError, TrainConfig, flatten, save_config, to_dict
 from xvla.train.optim import (
+    ALL_GROUPS,
     PROMPT_PHASE_GROUPS,
     build_optimizer,
     build_scheduler,
@@ -62,7 +63,6 @@ from xvla.train.optim import (
 
 log = logging.getLogger(__name__)
 
-ALL_GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
 # Files a run writes into its output folder (read back by the demo and by users' scripts).
 HISTORY_FILE = "history.json"
 VALIDATION_FILE = "validation.json"
@@ -130,7 +130,7 @@ def build_job(cfg: TrainConfig) -> Job:
 def preset_config(name: str, overrides: dict[str, Any]) -> XVLAConfig:
     """A preset with field overrides, dotted or nested ({"image_size": 64, "head.num_domains": 4})."""
     data = get_preset(name).to_dict()
-    for key, value in _flat(overrides, keep_types=True).items():
+    for key, value in flatten(overrides, keep_types=True).items():
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
@@ -365,7 +365,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     project = cfg.log.wandb_project if cfg.log.wandb else (cfg.log.run_name or "train")
     init_kwargs = {"wandb": {"name": cfg.log.run_name}} if cfg.log.wandb and cfg.log.run_name else {}
     accelerator.init_trackers(
-        project, config=_flat(to_dict(cfg)), init_kwargs=init_kwargs
+        project, config=flatten(to_dict(cfg)), init_kwargs=init_kwargs
     )  # main process only
     domain_names = {s.domain_id: s.name for s in job.mixture.sources}
     meter = _Meter(job.mixture, accelerator.device)
@@ -442,7 +442,7 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
             result = validate(model, job, cfg, accelerator)
             if result:
                 state["validation"].append({"step": step, **result})
-                accelerator.log(_flat({"val": result}, sep="/"), step=step)
+                accelerator.log(flatten({"val": result}, sep="/"), step=step)
                 accelerator.print(f"step {step}: validation {json.dumps(result['overall'])}")
                 if accelerator.is_main_process:
                     _write_json(out / VALIDATION_FILE, state["validation"])
@@ -789,18 +789,6 @@ def _record(history: dict[str, Any], step: int, scalars: dict[str, float]) -> No
 def _forever(loader: DataLoader) -> Iterator[dict[str, Any]]:
     while True:
         yield from loader
-
-
-def _flat(data: dict[str, Any], prefix: str = "", sep: str = ".", keep_types: bool = False) -> dict[str, Any]:
-    """Nested dicts -> {"a.b": value}; values other than scalars become strings unless `keep_types`."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(_flat(value, name, sep, keep_types))
-        else:
-            out[name] = value if keep_types or isinstance(value, (int, float, str, bool)) else str(value)
-    return out
 
 
 def _write_json(path: Path, data: Any) -> None:
