@@ -123,6 +123,18 @@ def get_dotted(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dicts -> `{"a.b": value}` with scalar values (others as strings), for loggers' flat configs."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
 def _section(cls: Any, name: str) -> Any:
     """The dataclass type of field `name` of dataclass `cls` (also through `X | None`), else None."""
     if not dataclasses.is_dataclass(cls) or name not in {f.name for f in dataclasses.fields(cls)}:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xvla.data.episodes import DatasetError, EpisodeDataset, detect_format, open_dataset
+from xvla.data.episode_base import DatasetError, EpisodeDataset
+from xvla.data.episodes import detect_format, open_dataset
 from xvla.data.hdf5 import HDF5Dataset
 
 LENGTHS = {"demo_0": 5, "demo_1": 7, "demo_10": 4}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import fixture_dir
-from xvla.data.episodes import DatasetError, EpisodeDataset, open_dataset
+from xvla.data.episode_base import DatasetError, EpisodeDataset
+from xvla.data.episodes import open_dataset
 from xvla.data.lerobot import LeRobotDataset
 
 FIXTURES = ("lerobot_v3_small", "lerobot_v21_small")

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import fixture_dir
-from xvla.data.episodes import DatasetError, open_dataset
+from xvla.data.episode_base import DatasetError
+from xvla.data.episodes import open_dataset
 from xvla.data.lerobot_writer import LeRobotV3Writer, available_video_encoder
 
 PALETTE = [(240, 50, 50), (40, 220, 40), (70, 120, 255)]

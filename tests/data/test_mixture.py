@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from conftest import fixture_dir
 from xvla.data import rotations
-from xvla.data.episodes import DatasetError
+from xvla.data.episode_base import DatasetError
 from xvla.data.mixture import MixtureDataError, MixtureDataset
 from xvla.data.sources import Mixture, Source
 

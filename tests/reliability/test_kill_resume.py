@@ -27,7 +27,8 @@ from xvla.configio import to_dict
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing
 from xvla.train.config import TrainConfig
-from xvla.train.trainer import HISTORY_FILE, VALIDATION_FILE, train
+from xvla.train.run_folder import HISTORY_FILE, VALIDATION_FILE
+from xvla.train.trainer import train
 
 TRIALS = 20
 SEED = 14  # of the kill points: a failure names its trial, and the same seed replays it

@@ -20,25 +20,28 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, set_seed
 
 from xvla.configio import load_config
-from xvla.train import checkpointing, trainer
+from xvla.train import checkpointing, run_folder, trainer
 from xvla.train.config import TrainConfig
+from xvla.train.distributed import fsdp_plugin, make_accelerator
+from xvla.train.job import build_job
 
 
 class Stopped(Exception):
     """Stands in for the job being killed right after a checkpoint."""
 
 
-def fsdp_on_cpu(cfg: TrainConfig, accelerator: trainer.Accelerator) -> None:
+def fsdp_on_cpu(cfg: TrainConfig, accelerator: Accelerator) -> None:
     # The plugin asks for the current accelerator device only to place meta-initialised weights.
     with (
         mock.patch("accelerate.utils.dataclasses.is_cuda_available", return_value=True),
         mock.patch("torch.cuda.current_device", return_value="cpu"),
     ):
-        plugin = trainer.fsdp_plugin(cfg)
+        plugin = fsdp_plugin(cfg)
     plugin.sync_module_states = False
     for state in (accelerator.state.__dict__, PartialState._shared_state):
         state["distributed_type"] = DistributedType.FSDP
@@ -58,20 +61,20 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(TrainConfig, args.config)
     partial = cfg.optim.prompt_warmup_steps > 0
-    accelerator = trainer.make_accelerator(dataclasses.replace(cfg, fsdp=False), partial_training=partial)
+    accelerator = make_accelerator(dataclasses.replace(cfg, fsdp=False), partial_training=partial)
     if cfg.fsdp:
         fsdp_on_cpu(cfg, accelerator)
     if args.stop_at is not None:
-        save = trainer.save_checkpoint
+        save = run_folder.save_checkpoint
 
         def save_then_stop(folder: Path, *a: object, **kw: object) -> None:
             save(folder, *a, **kw)
             if checkpointing.checkpoint_step(folder) == args.stop_at:
                 raise Stopped
 
-        trainer.save_checkpoint = save_then_stop
+        run_folder.save_checkpoint = save_then_stop
     set_seed(cfg.seed)
-    job = trainer.build_job(cfg)
+    job = build_job(cfg)
     with contextlib.suppress(Stopped):
         trainer.run(cfg, job, accelerator, resume=args.resume)
     flat = torch.cat(

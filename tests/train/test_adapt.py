@@ -17,7 +17,8 @@ from xvla.model.xvla import XVLA
 from xvla.serve.policy import Policy
 from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
 from xvla.train.checkpointing import STATE
-from xvla.train.trainer import HISTORY_FILE, make_accelerator
+from xvla.train.distributed import make_accelerator
+from xvla.train.run_folder import HISTORY_FILE
 
 from .helpers import adapt_config, mixture, source_dict
 

@@ -13,8 +13,10 @@ from accelerate.utils import set_seed
 
 from xvla.configio import ConfigError
 from xvla.model.xvla import XVLA
-from xvla.train import checkpointing, trainer
-from xvla.train.trainer import build_job, make_accelerator, run, train
+from xvla.train import checkpointing, run_folder, trainer
+from xvla.train.distributed import make_accelerator
+from xvla.train.job import build_job
+from xvla.train.trainer import run, train
 
 from .helpers import make_config, mixture, source_dict, write_dataset
 
@@ -34,18 +36,18 @@ def test_resume_continues_bit_identically(tmp_path, datasets, monkeypatch, extra
     reference = history(tmp_path / "full")
     assert full == checkpointing.checkpoint_path(tmp_path / "full", 6)
 
-    save = trainer.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def save_then_die(folder, *args, **kwargs):
         save(folder, *args, **kwargs)
         if checkpointing.checkpoint_step(folder) == 3:
             raise Killed
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save_then_die)
     cut = make_config(tmp_path / "cut", data, extra)
     with pytest.raises(Killed):
         train(cut)
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
     assert history(tmp_path / "cut")["step"] == [1, 2, 3]
     train(cut, resume=True)
     resumed = history(tmp_path / "cut")
@@ -179,16 +181,16 @@ def test_dataloader_workers_resume(tmp_path, datasets, monkeypatch):
     overrides = ("steps=4", "val.every=0", "checkpoint.every=2", "data.num_workers=2")
     train(make_config(tmp_path / "full", mixture(datasets), overrides))
     cfg = make_config(tmp_path / "run", mixture(datasets), overrides)
-    save = trainer.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def save_then_die(folder, *args, **kwargs):
         save(folder, *args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train(cfg)
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
     train(cfg, resume=True)
     state = checkpointing.load_file(
         checkpointing.checkpoint_path(cfg.output_dir, 4) / "training_state" / "rank_0.pt"

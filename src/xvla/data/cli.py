@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from xvla.data.episodes import DatasetError
+    from xvla.data.episode_base import DatasetError
     from xvla.data.inspect import inspect_path, print_reports, reports_to_json
     from xvla.data.sources import SourceError
 

@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from xvla.data.episodes import (
+from xvla.data.episode_base import (
     HDF5_SUFFIXES,
     DatasetError,
     FileCache,

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from xvla.data.episodes import DatasetError, EpisodeDataset, detect_format, open_dataset, rate_mismatch
+from xvla.data.episode_base import DatasetError, EpisodeDataset, rate_mismatch
+from xvla.data.episodes import detect_format, open_dataset
 
 TOLERANCE = 1e-3  # for unit quaternions, orthonormal matrices and gripper ranges (relative to the range)
 ANCHOR_FRAMES = 64  # frames per episode at which anchors are evaluated

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xvla.data.episodes import (
+from xvla.data.episode_base import (
     DatasetError,
     FileCache,
     check_episode,

@@ -33,7 +33,8 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from xvla.data import anchors
-from xvla.data.episodes import EpisodeDataset, open_dataset
+from xvla.data.episode_base import EpisodeDataset
+from xvla.data.episodes import open_dataset
 from xvla.data.sources import Mixture, Source
 
 logger = logging.getLogger(__name__)

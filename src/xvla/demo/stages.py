@@ -295,7 +295,7 @@ def model_config_overrides(cfg: DemoConfig, num_domains: int) -> dict[str, Any]:
 
 
 def training_summary(folder: Path, checkpoint: Path) -> dict[str, Any]:
-    from xvla.train.trainer import HISTORY_FILE, VALIDATION_FILE
+    from xvla.train.run_folder import HISTORY_FILE, VALIDATION_FILE
 
     history = json.loads((folder / HISTORY_FILE).read_text())
     validation = json.loads((folder / VALIDATION_FILE).read_text())[-1]
@@ -345,7 +345,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
     """Grow the pre-trained model by one domain for the held-out robot and fit it in two stages."""
     from xvla.train.adapt import adapt
     from xvla.train.config import AdaptConfig, LoraSettings
-    from xvla.train.trainer import ADAPTATION_FILE
+    from xvla.train.run_folder import ADAPTATION_FILE
 
     folder = rt.out / "adapt"
     tcfg = train_config(
@@ -408,7 +408,7 @@ def save_untrained(cfg: DemoConfig, base: Path, num_domains: int, folder: Path) 
 
     from xvla.model.tokenizer import load_tokenizer
     from xvla.model.xvla import XVLA
-    from xvla.train.trainer import preset_config
+    from xvla.train.job import preset_config
 
     torch.manual_seed(cfg.seed)
     model = XVLA(preset_config(cfg.preset, model_config_overrides(cfg, num_domains)))

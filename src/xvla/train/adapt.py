@@ -30,18 +30,10 @@ from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train.config import AdaptConfig, LoraSettings
-from xvla.train.optim import PROMPT_PHASE_GROUPS
-from xvla.train.trainer import (
-    ALL_GROUPS,
-    Job,
-    TransformedStream,
-    check_mixture,
-    load_mixture,
-    make_accelerator,
-    merge_sources,
-    read_sources,
-    run,
-)
+from xvla.train.distributed import TransformedStream, make_accelerator
+from xvla.train.job import Job, check_mixture, load_mixture, merge_sources, read_sources
+from xvla.train.optim import ALL_GROUPS, PROMPT_PHASE_GROUPS
+from xvla.train.trainer import run
 
 ADAPTER_HEADS = "domain_heads.safetensors"  # prompts + per-domain heads of an adapter-only checkpoint
 ADAPTER_META = "adapter_base.json"  # in an adapter checkpoint: its base checkpoint and domains added

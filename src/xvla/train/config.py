@@ -11,8 +11,6 @@ from typing import Any, Literal
 from xvla.configio import ConfigError, get_dotted
 from xvla.data.transforms import Augment
 
-GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
-
 
 @dataclass(frozen=True)
 class ModelInit:

@@ -10,7 +10,9 @@ from torch import nn
 
 from xvla.train.config import OptimConfig
 
-# Groups that train during the prompt warm-up phase (and in prompt-only adaptation).
+# The parameter groups of `XVLA.parameter_groups`, and those that train during the prompt warm-up phase (and in
+# prompt-only adaptation).
+ALL_GROUPS = ("vlm", "transformer", "soft_prompts", "action_heads")
 PROMPT_PHASE_GROUPS = ("soft_prompts", "action_heads")
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 
