@@ -179,9 +179,9 @@ class FastGenerator:
                         m.to(self.dtype)
         self._graphs.clear()
         self._grids: dict[int, tuple[list[float], Tensor]] = {}
-        space = self.net.action_space
-        ones = torch.ones(space.dim, device=self.device, dtype=self.act_dtype)
-        self._keep_x = space.mask_gripper(ones) if self.net.config.objective == "x0_renoise" else ones
+        self._keep_x = self.net.action_input(
+            torch.ones(self.net.action_space.dim, device=self.device, dtype=self.act_dtype)
+        )
         self._keep_p = self.net.proprio_input(
             torch.ones(self.net.config.proprio_dim, device=self.device, dtype=self.act_dtype)
         )
@@ -296,38 +296,22 @@ class FastGenerator:
         w_x, w_p, w_t = enc_w.split([a_dim, p_dim, tr.cfg.dim_time], dim=1)
         bias = tr.action_encoder.bias(domain_id)[:, None] + tr.pos_emb[:, :n_act]  # [B, T, H]
         base = bias + torch.matmul((proprio.to(self.act_dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
-        renoise = cfg.objective == "x0_renoise"
+        objective = self.net.objective
         grid, time_emb = self._time_grid(steps)
         t_term = torch.matmul(time_emb, w_t)  # [B, S, H] (time_emb [S, Dt], w_t [B, Dt, H])
         noise = noise.to(self.act_dtype)
-        out = torch.zeros_like(noise) if renoise else noise
+        state = objective.start(noise)
         for k, tk in enumerate(grid):
-            step_base = base + t_term[:, k : k + 1]
-            if renoise:  # x0 re-noising: a_hat = net(t * noise + (1 - t) * a_hat, t)
-                out = self._step_fn(
-                    (tk * noise + (1 - tk) * out) * self._keep_x,
-                    w_x,
-                    step_base,
-                    ctx.tokens,
-                    ctx.mask,
-                    domain_id,
-                )
-            else:  # velocity: Euler from t=0 (noise) to t=1
-                out = (
-                    out
-                    + self._step_fn(out * self._keep_x, w_x, step_base, ctx.tokens, ctx.mask, domain_id)
-                    / steps
-                )
-        return out
+            x_in = objective.net_input(state, noise, tk) * self._keep_x
+            pred = self._step_fn(x_in, w_x, base + t_term[:, k : k + 1], ctx.tokens, ctx.mask, domain_id)
+            state = objective.step(state, pred, steps)
+        return state
 
     def _time_grid(self, steps: int) -> tuple[list[float], Tensor]:
         """The sampler's t values (host floats) and their time embeddings [S, Dt] on the device, made once per
         step count (before any capture: a host-to-device copy cannot be captured)."""
         if steps not in self._grids:
-            renoise = self.net.config.objective == "x0_renoise"
-            grid = (
-                [(steps - k) / steps for k in range(steps)] if renoise else [k / steps for k in range(steps)]
-            )
+            grid = self.net.objective.grid(steps)
             t = torch.tensor(grid, dtype=torch.float32, device=self.device)
             self._grids[steps] = (
                 grid,
@@ -355,10 +339,7 @@ class FastGenerator:
         raw = self._graph_chunk(inputs, steps) if self.use_graph else None
         if raw is None:
             raw = self._timed_first(inputs, steps)
-        out = raw.to(out_dtype)
-        if self.net.config.objective == "x0_renoise":
-            return self.net.action_space.postprocess(out)
-        return out[..., : self.net.action_space.input_dim]
+        return self.net.objective.finish(raw.to(out_dtype), self.net.action_space)
 
     def _timed_first(self, inputs: dict[str, Tensor | None], steps: int) -> Tensor:
         """Run the un-captured path; a failing compile falls back to the static eager code."""
