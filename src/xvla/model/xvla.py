@@ -201,10 +201,10 @@ class XVLA(nn.Module):
     ) -> Tensor:
         """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed).
 
-        fast: run `xvla.model.fast.FastGenerator` (static shapes, CUDA graph and 16-bit weights on GPU) instead of
+        fast: run `xvla.model.fast.sampling.FastGenerator` (static shapes, CUDA graph and 16-bit weights on GPU) instead of
         the eager reference path; same contract and noise injection."""
         if fast:
-            from xvla.model.fast import fast_generator  # fast imports this module
+            from xvla.model.fast.sampling import fast_generator  # fast imports this module
 
             return fast_generator(self)(batch, steps=steps, noise=noise)
         self._check_batch(batch, training=False)

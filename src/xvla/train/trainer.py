@@ -44,7 +44,7 @@ from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.checkpoint import read_checkpoint
-from xvla.model.fast import (  # the repeated layers: FSDP units, recompute, compile
+from xvla.model.fast.training import (  # the repeated layers: FSDP units, recompute, compile
     LAYER_CLASSES,
     prepare_training,
 )
