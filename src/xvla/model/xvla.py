@@ -192,21 +192,11 @@ class XVLA(nn.Module):
     # -------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
-        self,
-        batch: dict[str, Tensor],
-        *,
-        steps: int | None = None,
-        noise: Tensor | None = None,
-        fast: bool = False,
+        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
     ) -> Tensor:
-        """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed).
-
-        fast: run `xvla.model.fast.sampling.FastGenerator` (static shapes, CUDA graph and 16-bit weights on GPU) instead of
-        the eager reference path; same contract and noise injection."""
-        if fast:
-            from xvla.model.fast.sampling import fast_generator  # fast imports this module
-
-            return fast_generator(self)(batch, steps=steps, noise=noise)
+        """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed), on the eager
+        reference path. `xvla.model.fast.sampling.fast_generator(model)` has the same contract and noise injection
+        with static shapes, a CUDA graph and 16-bit weights on GPU."""
         self._check_batch(batch, training=False)
         encoded = self._encode_batch(batch)
         return self.sample(encoded, batch["proprio"], batch["domain_id"], steps=steps, noise=noise)
@@ -278,6 +268,8 @@ class XVLA(nn.Module):
         }
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    # The documented entry points; the code is in checkpoint.py, which builds XVLA, so it is imported on call
+    # and the module dependency goes one way (checkpoint -> xvla).
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs: Any) -> XVLA:
         """Load ours, the authors' or LeRobot's layout (auto-detected) from a folder or a hub id."""
