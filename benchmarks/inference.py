@@ -1,5 +1,5 @@
 """Inference latency: the eager model (`XVLA.generate`, the path the parity fixtures check) vs the fast path
-(`xvla.model.fast.FastGenerator`), side by side in one run, random weights and inputs.
+(`xvla.model.fast.sampling.FastGenerator`), side by side in one run, random weights and inputs.
 
     PYTHONPATH=src python benchmarks/inference.py --preset xvla-0.9b --device cuda        # H100: batch 1 and 8
     PYTHONPATH=src python benchmarks/inference.py --preset tiny --device cpu --iters 30   # CPU
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 import _common as C
-from xvla.model.fast import FastGenerator, FastOptions, count_flops, weight_bytes
+from xvla.model.fast.flops import count_flops, weight_bytes
+from xvla.model.fast.sampling import FastGenerator, FastOptions
 
 TOLERANCE = 1e-2
 PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM bandwidth, TB/s

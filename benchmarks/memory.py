@@ -34,7 +34,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 import _common as C
 from xvla.config import get_preset
-from xvla.model.fast import prepare_training
+from xvla.model.fast.training import prepare_training
 from xvla.train.adapt import lora_groups, wrap_lora
 from xvla.train.config import LoraSettings, OptimConfig
 from xvla.train.optim import PROMPT_PHASE_GROUPS, build_optimizer, set_trainable

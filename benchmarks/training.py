@@ -23,7 +23,8 @@ import torch
 
 import _common as C
 from xvla.model import XVLA
-from xvla.model.fast import count_flops, fused_adamw, prepare_training
+from xvla.model.fast.flops import count_flops
+from xvla.model.fast.training import fused_adamw, prepare_training
 
 TOLERANCE = 1e-2
 

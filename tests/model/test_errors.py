@@ -77,8 +77,10 @@ def test_shape_mismatch_in_checkpoint(tmp_path) -> None:
 
 
 def test_bad_config_fields() -> None:
-    with pytest.raises(ValueError, match="objective"):
-        small_config(objective="ddpm")
+    with pytest.raises(
+        ValueError, match=re.escape("unknown objective 'ddpm'; known objectives: ['velocity', 'x0")
+    ):
+        XVLA(small_config(objective="ddpm"))
     with pytest.raises(ValueError, match="unknown config key .XVLAConfig.not_a_field."):
         type(small_config()).from_dict({"not_a_field": 1})
 

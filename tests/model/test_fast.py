@@ -1,4 +1,4 @@
-"""The fast path (xvla.model.fast) against the eager model: same actions, same noise draw, FLOP counts."""
+"""The fast paths (xvla.model.fast) against the eager model: same actions, same noise draw, FLOP counts."""
 
 from __future__ import annotations
 
@@ -9,18 +9,16 @@ import pytest
 import torch
 
 from xvla.model import XVLA
-from xvla.model.fast import (
+from xvla.model.fast.flops import count_flops, weight_bytes
+from xvla.model.fast.sampling import (
     INPUT_KEYS,
     FastGenerator,
     FastOptions,
     _bucket,
     _pad_rows,
-    count_flops,
     fast_generator,
-    fused_adamw,
-    prepare_training,
-    weight_bytes,
 )
+from xvla.model.fast.training import fused_adamw, prepare_training
 
 from .model_helpers import make_batch, small_config
 

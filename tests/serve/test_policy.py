@@ -214,14 +214,14 @@ def test_from_checkpoint_names_unknown_source(checkpoint) -> None:  # noqa: ANN0
 def test_fast_path_through_policy_matches_eager(policy: Policy) -> None:
     """The real fast path (static shapes, precomputed step terms; CUDA graph on GPU) runs under Policy on CPU and
     gives the eager actions; it is off by default on CPU and on by default on CUDA."""
-    assert policy._generate_kwargs == {"fast": False}
+    assert not policy.fast
     fast = Policy(
         policy.model,
         policy.tokenizer,
         source=policy.source,
         config=dataclasses.replace(policy.config, fast=True),
     )
-    assert fast._generate_kwargs == {"fast": True}
+    assert fast.fast
     obs = robot_obs(np.random.default_rng(9))
     # fp32 on CPU: only summation order differs (random weights give native actions of ~100s).
     np.testing.assert_allclose(fast.infer(obs)["actions"], policy.infer(obs)["actions"], rtol=1e-5, atol=1e-3)

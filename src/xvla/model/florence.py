@@ -80,6 +80,26 @@ def florence2_config(cfg: XVLAConfig) -> Florence2Config:
     return Florence2Config(vision_config=vision, text_config=text.to_dict())
 
 
+def key_masks(
+    cfg: XVLAConfig, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Key masks (True = attend) of the encoded observation: vlm [B, Nv+L] over the primary view's tokens and the
+    text, aux [B, (V-1)*Nv] over the other views' tokens, for image_mask [B, V] (V = config.num_views) and
+    input_ids / attention_mask [B, L]. (None, None) unless a masking option is on (released behaviour)."""
+    if not (cfg.mask_text_padding or cfg.mask_missing_views):
+        return None, None
+    n_tok = cfg.tokens_per_view
+    views = image_mask.bool() if cfg.mask_missing_views else torch.ones_like(image_mask, dtype=torch.bool)
+    words = (
+        attention_mask.bool()
+        if cfg.mask_text_padding and attention_mask is not None
+        else torch.ones_like(input_ids, dtype=torch.bool)
+    )
+    vlm_mask = torch.cat([views[:, :1].expand(-1, n_tok), words], dim=1)
+    aux_mask = views[:, 1:, None].expand(-1, -1, n_tok).reshape(views.shape[0], -1)
+    return vlm_mask, aux_mask
+
+
 class FlorenceEncoder(nn.Module):
     """Encodes views and instruction into the features the head attends to."""
 
@@ -130,20 +150,7 @@ class FlorenceEncoder(nn.Module):
 
         text_embeds = self.text_encoder.embed_tokens(input_ids)
         inputs_embeds = torch.cat([feats[:, 0], text_embeds.to(feats.dtype)], dim=1)
-        vlm_mask = aux_mask = None
-        if self.cfg.mask_text_padding or self.cfg.mask_missing_views:
-            view_keep = (
-                image_mask.bool()
-                if self.cfg.mask_missing_views
-                else torch.ones_like(image_mask, dtype=torch.bool)
-            )
-            text_keep = (
-                attention_mask.bool()
-                if self.cfg.mask_text_padding and attention_mask is not None
-                else torch.ones_like(input_ids, dtype=torch.bool)
-            )
-            vlm_mask = torch.cat([view_keep[:, :1].expand(-1, n_tok), text_keep], dim=1)
-            aux_mask = view_keep[:, 1:, None].expand(-1, -1, n_tok).reshape(b, -1)
+        vlm_mask, aux_mask = key_masks(self.cfg, image_mask, input_ids, attention_mask)
         vlm = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=vlm_mask).last_hidden_state
         return EncodedObservation(
             vlm_features=vlm,

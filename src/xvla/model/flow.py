@@ -1,4 +1,9 @@
-"""Flow objectives and samplers.
+"""Flow objectives, registered by name (`XVLAConfig.objective`), and their sampler.
+
+An objective holds everything that differs between flow formulations: the noisy input x_t, the training target
+and its loss, which inputs the network must not see, the sampler's t-grid, start and step, and the output
+post-processing. The eager model (`XVLA`) and the fast sampler (`xvla.model.fast.sampling`) both run through it,
+so adding an objective is one class here and one entry in `OBJECTIVES`.
 
 `x0_renoise` (the released checkpoints): x_t = t*noise + (1-t)*action (t=1 is pure noise), the network predicts the
 clean action, and the sampler re-noises the current estimate with one fixed noise draw at t = 1, (N-1)/N, ..., 1/N.
@@ -6,16 +11,20 @@ clean action, and the sampler re-noises the current estimate with one fixed nois
 `velocity` (an option for models trained from scratch): x_t = (1-t)*noise + t*action, the network predicts the
 velocity action - noise (MSE), and the sampler integrates it with Euler steps from t=0 to t=1.
 
-Samplers take `denoise(x_t [B,T,A], t [B]) -> [B,T,A]` and contain no host syncs (no `.item()`, no branches on
-tensor values), so the loop can be compiled or captured.
+The sampler takes `denoise(x_t [B,T,A], t [B]) -> [B,T,A]` and contains no host syncs (no `.item()`, no branches
+on tensor values), so the loop can be compiled or captured.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from xvla.model.action_spaces import ActionSpace
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -28,30 +37,130 @@ def stratified_t(u: Tensor, batch_size: int) -> Tensor:
     return (u + offsets) % T_MAX
 
 
-def interpolate(action: Tensor, noise: Tensor, t: Tensor, objective: str) -> Tensor:
-    """The noisy action x_t [B, T, A] for t [B]."""
-    tt = t.view(-1, 1, 1).to(action.dtype)
-    if objective == "velocity":
+class FlowObjective(ABC):
+    """One flow formulation; stateless (one shared instance per name in `OBJECTIVES`).
+
+    `t` in `net_input` is a [B, 1, 1] tensor in the eager sampler and a host float in the fast one: each path
+    keeps its own arithmetic, the formula is written once.
+    """
+
+    name: ClassVar[str]
+    # Zero x_t's gripper channels (where the action space hides them) before the network.
+    masks_gripper_inputs: ClassVar[bool]
+
+    @abstractmethod
+    def noisy(self, action: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t [B, T, A] for action, noise [B, T, A] and t [B]."""
+
+    @abstractmethod
+    def target(self, action: Tensor, noise: Tensor) -> Tensor:
+        """What the network regresses, [B, T, A]."""
+
+    @abstractmethod
+    def loss_terms(self, pred: Tensor, target: Tensor, space: ActionSpace) -> dict[str, Tensor]:
+        """Weighted loss terms per sample, each [B]; pred, target [B, T, A]."""
+
+    @abstractmethod
+    def grid(self, steps: int) -> list[float]:
+        """The sampler's t values as host floats (nothing to copy to the device inside the loop)."""
+
+    @abstractmethod
+    def start(self, noise: Tensor) -> Tensor:
+        """The sampler's state before the first step, [B, T, A]."""
+
+    @abstractmethod
+    def net_input(self, state: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        """x_t [B, T, A] the network reads at grid point t (before any gripper masking)."""
+
+    @abstractmethod
+    def step(self, state: Tensor, pred: Tensor, steps: int) -> Tensor:
+        """The state after a network call that returned pred [B, T, A]."""
+
+    @abstractmethod
+    def finish(self, state: Tensor, space: ActionSpace) -> Tensor:
+        """Final state [B, T, dim] -> action chunk [B, T, input_dim]."""
+
+    def sample(self, denoise: Denoiser, noise: Tensor, steps: int) -> Tensor:
+        """Raw sampler output [B, T, A] (not finished) from noise [B, T, A] in `steps` network calls."""
+        b = noise.shape[0]
+        state = self.start(noise)
+        for tk in self.grid(steps):
+            t = torch.full((b,), tk, device=noise.device, dtype=noise.dtype)
+            state = self.step(state, denoise(self.net_input(state, noise, t.view(-1, 1, 1)), t), steps)
+        return state
+
+
+class X0Renoise(FlowObjective):
+    """The released objective: predict the clean action, re-noise it at the next t; gripper targets are logits."""
+
+    name = "x0_renoise"
+    masks_gripper_inputs = True
+
+    def noisy(self, action: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        tt = t.view(-1, 1, 1).to(action.dtype)
+        return tt * noise + (1 - tt) * action
+
+    def target(self, action: Tensor, noise: Tensor) -> Tensor:
+        return action
+
+    def loss_terms(self, pred: Tensor, target: Tensor, space: ActionSpace) -> dict[str, Tensor]:
+        return space.loss_terms(pred, target)
+
+    def grid(self, steps: int) -> list[float]:
+        return [i / steps for i in range(steps, 0, -1)]
+
+    def start(self, noise: Tensor) -> Tensor:
+        return torch.zeros_like(noise)  # a_hat = 0
+
+    def net_input(self, state: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        return t * noise + (1 - t) * state
+
+    def step(self, state: Tensor, pred: Tensor, steps: int) -> Tensor:
+        return pred
+
+    def finish(self, state: Tensor, space: ActionSpace) -> Tensor:
+        return space.postprocess(state)
+
+
+class Velocity(FlowObjective):
+    """Rectified flow: predict action - noise, Euler from t=0 (noise) to t=1 (action). The network needs the noise
+    on every channel, so no x_t input is masked, and the output is used as is (no sigmoid)."""
+
+    name = "velocity"
+    masks_gripper_inputs = False
+
+    def noisy(self, action: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        tt = t.view(-1, 1, 1).to(action.dtype)
         return (1 - tt) * noise + tt * action
-    return tt * noise + (1 - tt) * action
+
+    def target(self, action: Tensor, noise: Tensor) -> Tensor:
+        return action - noise
+
+    def loss_terms(self, pred: Tensor, target: Tensor, space: ActionSpace) -> dict[str, Tensor]:
+        return {"velocity_loss": (pred - target).square().flatten(1).mean(1)}
+
+    def grid(self, steps: int) -> list[float]:
+        dt = 1.0 / steps
+        return [i * dt for i in range(steps)]
+
+    def start(self, noise: Tensor) -> Tensor:
+        return noise
+
+    def net_input(self, state: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
+        return state
+
+    def step(self, state: Tensor, pred: Tensor, steps: int) -> Tensor:
+        return state + (1.0 / steps) * pred
+
+    def finish(self, state: Tensor, space: ActionSpace) -> Tensor:
+        return state[..., : space.input_dim]
 
 
-def renoise_sample(denoise: Denoiser, noise: Tensor, steps: int) -> Tensor:
-    """Re-noising x0 sampler as released: a_hat=0; for i=N..1: a_hat = net(i/N * noise + (1-i/N) * a_hat, i/N)."""
-    b = noise.shape[0]
-    a_hat = torch.zeros_like(noise)
-    for i in range(steps, 0, -1):
-        t = torch.full((b,), i / steps, device=noise.device, dtype=noise.dtype)
-        a_hat = denoise(t.view(-1, 1, 1) * noise + (1 - t.view(-1, 1, 1)) * a_hat, t)
-    return a_hat
+OBJECTIVES: dict[str, FlowObjective] = {o.name: o for o in (X0Renoise(), Velocity())}
 
 
-def euler_sample(denoise: Denoiser, noise: Tensor, steps: int) -> Tensor:
-    """Euler integration of the velocity field from t=0 (noise) to t=1 (action)."""
-    b = noise.shape[0]
-    x = noise
-    dt = 1.0 / steps
-    for i in range(steps):
-        t = torch.full((b,), i * dt, device=noise.device, dtype=noise.dtype)
-        x = x + dt * denoise(x, t)
-    return x
+def get_objective(name: str) -> FlowObjective:
+    """The objective registered as `name` (the serialised `XVLAConfig.objective`)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; known objectives: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]

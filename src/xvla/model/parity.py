@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from xvla.model.checkpoint import load_state, read_checkpoint, resolve_folder
-from xvla.model.flow import interpolate, renoise_sample, stratified_t
+from xvla.model.flow import stratified_t
 from xvla.model.xvla import XVLA
 
 
@@ -111,7 +111,9 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
             rec["t"].append(t), rec["x"].append(x_m), rec["pred"].append(pred)
             return pred
 
-        out["gen_actions"] = space.postprocess(renoise_sample(net, refs["gen_x1_noise"], steps))
+        out["gen_actions"] = model.objective.finish(
+            model.objective.sample(net, refs["gen_x1_noise"], steps), space
+        )
         out["gen_step_t"], out["gen_step_x_t_m"] = torch.stack(rec["t"]), torch.stack(rec["x"])
         out["gen_step_pred"], out["gen_proprio_m"] = torch.stack(rec["pred"]), p_m
 
@@ -141,9 +143,7 @@ def _loss_block(
     action = model.action_space.pad(batch["action"])
     t = stratified_t(u, action.shape[0])
     loss = model(batch, t=t, noise=noise)
-    p_m, x_m = model.action_space.preprocess(
-        batch["proprio"], interpolate(action, noise, t, model.config.objective)
-    )
+    p_m, x_m = model.action_space.preprocess(batch["proprio"], model.objective.noisy(action, noise, t))
     res = {
         f"{prefix}t": t,
         f"{prefix}pred_action": loss.pred,

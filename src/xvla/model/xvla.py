@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from xvla.config import XVLAConfig
 from xvla.model.action_spaces import ActionSpace, build_action_space
 from xvla.model.florence import EncodedObservation, FlorenceEncoder
-from xvla.model.flow import euler_sample, interpolate, renoise_sample, stratified_t
+from xvla.model.flow import FlowObjective, get_objective, stratified_t
 from xvla.model.transformer import SoftPromptedTransformer
 
 
@@ -44,6 +44,7 @@ class XVLA(nn.Module):
         self.action_space: ActionSpace = build_action_space(
             config.action_space, config.real_action_dim, config.max_action_dim
         )
+        self.objective: FlowObjective = get_objective(config.objective)
         self.vlm = FlorenceEncoder(config)
         self.transformer = SoftPromptedTransformer(
             config.head,
@@ -146,11 +147,13 @@ class XVLA(nn.Module):
     def _net(
         self, x_t: Tensor, t: Tensor, proprio: Tensor, domain_id: Tensor, encoded: EncodedObservation
     ) -> Tensor:
-        """The network as the objective feeds it (gripper inputs zeroed by the action space for x0 models)."""
-        if self.config.objective == "x0_renoise":
-            x_t = self.action_space.mask_gripper(x_t)
-        # velocity: the net needs the noise on every channel, so only proprio inputs are masked
-        return self.denoise(x_t, t, self.proprio_input(proprio), domain_id, encoded)
+        """The network as the objective feeds it (`action_input`, `proprio_input`)."""
+        return self.denoise(self.action_input(x_t), t, self.proprio_input(proprio), domain_id, encoded)
+
+    def action_input(self, x_t: Tensor) -> Tensor:
+        """x_t [B, T, A] as the network reads it: gripper channels zeroed by the action space when the objective
+        hides them (x0 models; a velocity model needs the noise on every channel)."""
+        return self.action_space.mask_gripper(x_t) if self.objective.masks_gripper_inputs else x_t
 
     def proprio_input(self, proprio: Tensor) -> Tensor:
         """proprio [B, P] as the network reads it: gripper channels zeroed as released, unless
@@ -178,12 +181,9 @@ class XVLA(nn.Module):
         _check_draw("t", t, (b,))
         _check_draw("noise", noise, tuple(action.shape))
         t = t.to(action.dtype)
-        x_t = interpolate(action, noise, t, self.config.objective)
+        x_t = self.objective.noisy(action, noise, t)
         pred = self._net(x_t, t, batch["proprio"], batch["domain_id"], encoded)
-        if self.config.objective == "x0_renoise":
-            per_term = self.action_space.loss_terms(pred, action)
-        else:
-            per_term = {"velocity_loss": (pred - (action - noise)).square().flatten(1).mean(1)}
+        per_term = self.objective.loss_terms(pred, self.objective.target(action, noise), self.action_space)
         terms = {k: v.mean() for k, v in per_term.items()}
         loss = sum(terms.values())
         per_sample = sum(per_term.values())
@@ -192,21 +192,11 @@ class XVLA(nn.Module):
     # -------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
-        self,
-        batch: dict[str, Tensor],
-        *,
-        steps: int | None = None,
-        noise: Tensor | None = None,
-        fast: bool = False,
+        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
     ) -> Tensor:
-        """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed).
-
-        fast: run `xvla.model.fast.FastGenerator` (static shapes, CUDA graph and 16-bit weights on GPU) instead of
-        the eager reference path; same contract and noise injection."""
-        if fast:
-            from xvla.model.fast import fast_generator  # fast imports this module
-
-            return fast_generator(self)(batch, steps=steps, noise=noise)
+        """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed), on the eager
+        reference path. `xvla.model.fast.sampling.fast_generator(model)` has the same contract and noise injection
+        with static shapes, a CUDA graph and 16-bit weights on GPU."""
         self._check_batch(batch, training=False)
         encoded = self._encode_batch(batch)
         return self.sample(encoded, batch["proprio"], batch["domain_id"], steps=steps, noise=noise)
@@ -243,16 +233,11 @@ class XVLA(nn.Module):
             encoded.aux_mask,
         )
         proprio_in = self.proprio_input(proprio)
-        zero_inputs = self.config.objective == "x0_renoise"
 
         def net(x_t: Tensor, t: Tensor) -> Tensor:
-            x_in = self.action_space.mask_gripper(x_t) if zero_inputs else x_t
-            return self.transformer.run(ctx, x_in, proprio_in, t)
+            return self.transformer.run(ctx, self.action_input(x_t), proprio_in, t)
 
-        if self.config.objective == "x0_renoise":
-            return self.action_space.postprocess(renoise_sample(net, noise, steps))
-        out = euler_sample(net, noise, steps)
-        return out[..., : self.action_space.input_dim]
+        return self.objective.finish(self.objective.sample(net, noise, steps), self.action_space)
 
     # ------------------------------------------------------------------------------------------ domains/groups
     def grow_domains(self, n_new: int, init_from: int | None = None) -> list[int]:
@@ -283,6 +268,8 @@ class XVLA(nn.Module):
         }
 
     # ------------------------------------------------------------------------------------------------ checkpoints
+    # The documented entry points; the code is in checkpoint.py, which builds XVLA, so it is imported on call
+    # and the module dependency goes one way (checkpoint -> xvla).
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs: Any) -> XVLA:
         """Load ours, the authors' or LeRobot's layout (auto-detected) from a folder or a hub id."""

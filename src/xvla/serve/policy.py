@@ -36,6 +36,7 @@ from xvla.data.anchors import resample_chunk
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.checkpoint import resolve_folder
+from xvla.model.fast.sampling import fast_generator
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.serve import protocol
@@ -124,8 +125,7 @@ class Policy:
         if source is not None:
             self._check_source(source)
         # The fast path is the default on GPU (where it pays: CUDA graph, 16-bit weights); eager elsewhere.
-        fast = self.device.type == "cuda" if config.fast is None else config.fast
-        self._generate_kwargs: dict[str, Any] = {"fast": fast}
+        self.fast = self.device.type == "cuda" if config.fast is None else config.fast
         self._queue: list[np.ndarray] = []
         self._next_proprio: np.ndarray | None = None
 
@@ -355,7 +355,8 @@ class Policy:
         for steps, idx in groups.items():
             batch = {k: v.to(self.device) for k, v in collate([prepared[i].inputs for i in idx]).items()}
             noise = self._noise(len(idx)).to(self.device)
-            chunk = self.model.generate(batch, steps=steps, noise=noise, **self._generate_kwargs)
+            generate = fast_generator(self.model) if self.fast else self.model.generate
+            chunk = generate(batch, steps=steps, noise=noise)
             for i, a in zip(idx, chunk.float().cpu().numpy(), strict=True):
                 anchors[i] = a
         replies = [self._reply(p, a) for p, a in zip(prepared, anchors, strict=True)]

@@ -21,7 +21,7 @@ from xvla.configio import ConfigError
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
-from xvla.model.fast import LAYER_CLASSES  # the repeated layers: FSDP units
+from xvla.model.fast.training import LAYER_CLASSES  # the repeated layers: FSDP units
 from xvla.train.config import TrainConfig
 from xvla.train.job import Job
 

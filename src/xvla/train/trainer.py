@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from xvla.configio import ConfigError, flatten, to_dict
 from xvla.data.sources import Mixture
-from xvla.model.fast import prepare_training  # recompute and compile of the repeated layers
+from xvla.model.fast.training import prepare_training  # recompute and compile of the repeated layers
 from xvla.train import checkpointing as ckpt
 from xvla.train import run_folder
 from xvla.train.config import TrainConfig

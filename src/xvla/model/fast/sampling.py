@@ -1,13 +1,15 @@
-"""Fast paths for XVLA: a static-shape sampler (16-bit weights, CUDA graph, optional torch.compile) and training
-helpers. Measurements and design notes: docs/performance.md.
+"""Fast sampling for XVLA: a static-shape sampler (16-bit weights, CUDA graph, optional torch.compile).
+Measurements and design notes: docs/performance.md.
 
-Inference (`FastGenerator`, same contract as `XVLA.generate`):
+`FastGenerator` has the contract of `XVLA.generate`:
 
-- the observation is encoded once per chunk with static shapes: every view goes through DaViT and missing views
-  are zeroed by multiplication (the eager path gathers existing views with a boolean index, a host sync);
+- the observation is encoded once per chunk with static shapes (`static_encode`): every view goes through DaViT
+  and missing views are zeroed by multiplication (the eager path gathers existing views with a boolean index, a
+  host sync);
 - what does not change across steps is computed once: head context (projected features + prompts), the
   per-domain action-encoder weights split into their x_t / proprio / time parts, the time-embedding term of every
-  step of the fixed t-grid, gripper keep vectors; a step is then `x_t @ W_x + base[k]` -> blocks -> decoder;
+  step of the objective's fixed t-grid, gripper keep vectors; a step is then `x_t @ W_x + base[k]` -> blocks ->
+  decoder, and the objective (`xvla.model.flow`) turns its output into the next state;
 - no host syncs between input copy and output (Python floats for the grid, no `.item()`, no tensor branches);
 - 16-bit weights (fp16 by default on CUDA) in a cast copy of the model (the eager model is left untouched), with
   the residual stream, norms and softmax kept in fp32 under autocast;
@@ -19,12 +21,6 @@ Inference (`FastGenerator`, same contract as `XVLA.generate`):
 
 Any failure to compile or capture logs a warning and falls back to the static eager code (`FastGenerator.mode`
 says which path runs).
-
-Training (`prepare_training`): regional `torch.compile` of the repeated layers, optional activation
-checkpointing of the same layers, and `fused_adamw` (fused on CUDA).
-
-FLOPs and bytes (`count_flops`, `weight_bytes`): counted with `torch.utils.flop_counter.FlopCounterMode` on the
-meta device from the config alone (no weights, no compute).
 """
 
 from __future__ import annotations
@@ -42,14 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xvla.model.florence import EncodedObservation
+from xvla.model.fast.dynamo import raise_recompile_limit
+from xvla.model.florence import EncodedObservation, key_masks
 from xvla.model.transformer import timestep_embedding
 from xvla.model.xvla import XVLA, _check_draw
 
 log = logging.getLogger(__name__)
 
-# The repeated layers: compiled one region at a time and recomputed by activation checkpointing.
-LAYER_CLASSES = ("Block", "BartEncoderLayer", "Florence2VisionBlock")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 INPUT_KEYS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "proprio", "domain_id", "noise")
@@ -89,14 +84,6 @@ class FastOptions:
             raise ValueError(f"FastOptions.max_graphs must be >= 1, got {self.max_graphs}")
 
 
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """Static-shape compilation keeps one entry per (shape, batch size, train/eval) per code object: more than
-    dynamo's default of 8 (DaViT alone has 4 stage shapes), past which it silently falls back to eager."""
-    dyn = torch._dynamo.config
-    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-    setattr(dyn, name, max(getattr(dyn, name), limit))
-
-
 def _bucket(n: int) -> int:
     """Next power of two >= n."""
     return 1 << (n - 1).bit_length()
@@ -133,6 +120,29 @@ class _Graph:
                 self.inputs[k].copy_(v)  # type: ignore[union-attr]
         self.graph.replay()
         return self.output.clone()
+
+
+def static_encode(
+    model: XVLA,
+    pixel_values: Tensor,
+    image_mask: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    dtype: torch.dtype,
+) -> EncodedObservation:
+    """`FlorenceEncoder.forward` with static shapes: pixel_values [B, V, 3, H, W] (images cast to `dtype`), all V
+    views through DaViT, then missing views and views beyond V (up to config.num_views) zeroed by a multiply,
+    their tokens kept (released behaviour)."""
+    vlm, cfg = model.vlm, model.config
+    b, v = pixel_values.shape[:2]
+    feats = vlm.encode_images(pixel_values.flatten(0, 1).to(dtype)).view(b, v, cfg.tokens_per_view, -1)
+    image_mask = F.pad(image_mask.bool(), (0, cfg.num_views - v), value=False)  # [B, num_views]
+    feats = F.pad(feats, (0, 0, 0, 0, 0, cfg.num_views - v)) * image_mask[..., None, None].to(feats.dtype)
+    text = vlm.text_encoder.embed_tokens(input_ids).to(feats.dtype)
+    vlm_mask, aux_mask = key_masks(cfg, image_mask, input_ids, attention_mask)
+    inputs = torch.cat([feats[:, 0], text], dim=1)
+    out = vlm.text_encoder(inputs_embeds=inputs, attention_mask=vlm_mask).last_hidden_state
+    return EncodedObservation(out, feats[:, 1:].flatten(1, 2), vlm_mask, aux_mask)
 
 
 class FastGenerator:
@@ -179,9 +189,9 @@ class FastGenerator:
                         m.to(self.dtype)
         self._graphs.clear()
         self._grids: dict[int, tuple[list[float], Tensor]] = {}
-        space = self.net.action_space
-        ones = torch.ones(space.dim, device=self.device, dtype=self.act_dtype)
-        self._keep_x = space.mask_gripper(ones) if self.net.config.objective == "x0_renoise" else ones
+        self._keep_x = self.net.action_input(
+            torch.ones(self.net.action_space.dim, device=self.device, dtype=self.act_dtype)
+        )
         self._keep_p = self.net.proprio_input(
             torch.ones(self.net.config.proprio_dim, device=self.device, dtype=self.act_dtype)
         )
@@ -189,7 +199,7 @@ class FastGenerator:
         self._step_fn = self._step
         self._compiled_once = False
         if self.use_compile:
-            _raise_recompile_limit()
+            raise_recompile_limit()
             self._encode_fn = torch.compile(self._encode, mode=self.options.compile_mode, dynamic=False)
             self._step_fn = torch.compile(self._step, mode=self.options.compile_mode, dynamic=False)
 
@@ -220,31 +230,7 @@ class FastGenerator:
     def _encode(
         self, pixel_values: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor | None
     ) -> EncodedObservation:
-        """`FlorenceEncoder.forward` with static shapes: all given views through DaViT, then missing views and views
-        beyond those given (up to config.num_views) zeroed, their tokens kept (released behaviour)."""
-        vlm, cfg = self.net.vlm, self.net.config
-        b, v = pixel_values.shape[:2]
-        feats = vlm.encode_images(pixel_values.flatten(0, 1).to(self.act_dtype)).view(
-            b, v, cfg.tokens_per_view, -1
-        )
-        image_mask = F.pad(image_mask.bool(), (0, cfg.num_views - v), value=False)  # [B, num_views]
-        feats = F.pad(feats, (0, 0, 0, 0, 0, cfg.num_views - v)) * image_mask[..., None, None].to(feats.dtype)
-        text = vlm.text_encoder.embed_tokens(input_ids).to(feats.dtype)
-        vlm_mask = aux_mask = None
-        if cfg.mask_text_padding or cfg.mask_missing_views:
-            views = (
-                image_mask.bool() if cfg.mask_missing_views else torch.ones_like(image_mask, dtype=torch.bool)
-            )
-            words = (
-                attention_mask.bool()
-                if cfg.mask_text_padding and attention_mask is not None
-                else torch.ones_like(input_ids, dtype=torch.bool)
-            )
-            vlm_mask = torch.cat([views[:, :1].expand(-1, cfg.tokens_per_view), words], dim=1)
-            aux_mask = views[:, 1:, None].expand(-1, -1, cfg.tokens_per_view).reshape(b, -1)
-        inputs = torch.cat([feats[:, 0], text], dim=1)
-        out = vlm.text_encoder(inputs_embeds=inputs, attention_mask=vlm_mask).last_hidden_state
-        return EncodedObservation(out, feats[:, 1:].flatten(1, 2), vlm_mask, aux_mask)
+        return static_encode(self.net, pixel_values, image_mask, input_ids, attention_mask, self.act_dtype)
 
     def _step(
         self, x_in: Tensor, w_x: Tensor, base: Tensor, ctx: Tensor, mask: Tensor | None, domain_id: Tensor
@@ -269,65 +255,34 @@ class FastGenerator:
         *,
         steps: int,
     ) -> Tensor:
-        """Encode once, then `steps` network calls; raw network output [B, T, A] (not post-processed)."""
+        """Encode once, then `steps` network calls; the objective's raw state [B, T, A] (not finished)."""
         mixed = self.act_dtype != self.dtype
         with torch.autocast(self.device.type, dtype=self.dtype) if mixed else contextlib.nullcontext():
-            return self._chunk_body(
-                pixel_values, image_mask, input_ids, attention_mask, proprio, domain_id, noise, steps
-            )
-
-    def _chunk_body(
-        self,
-        pixel_values: Tensor,
-        image_mask: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor | None,
-        proprio: Tensor,
-        domain_id: Tensor,
-        noise: Tensor,
-        steps: int,
-    ) -> Tensor:
-        cfg, tr = self.net.config, self.net.transformer
-        n_act, a_dim, p_dim = cfg.num_actions, self.net.action_space.dim, cfg.proprio_dim
-        enc = self._encode_fn(pixel_values, image_mask, input_ids, attention_mask)
-        ctx = tr.context(domain_id, enc.vlm_features, enc.aux_features, n_act, enc.vlm_mask, enc.aux_mask)
-        b = domain_id.shape[0]
-        enc_w = tr.action_encoder.fc(domain_id).view(b, -1, tr.cfg.hidden_size)  # [B, A+P+Dt, H]
-        w_x, w_p, w_t = enc_w.split([a_dim, p_dim, tr.cfg.dim_time], dim=1)
-        bias = tr.action_encoder.bias(domain_id)[:, None] + tr.pos_emb[:, :n_act]  # [B, T, H]
-        base = bias + torch.matmul((proprio.to(self.act_dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
-        renoise = cfg.objective == "x0_renoise"
-        grid, time_emb = self._time_grid(steps)
-        t_term = torch.matmul(time_emb, w_t)  # [B, S, H] (time_emb [S, Dt], w_t [B, Dt, H])
-        noise = noise.to(self.act_dtype)
-        out = torch.zeros_like(noise) if renoise else noise
-        for k, tk in enumerate(grid):
-            step_base = base + t_term[:, k : k + 1]
-            if renoise:  # x0 re-noising: a_hat = net(t * noise + (1 - t) * a_hat, t)
-                out = self._step_fn(
-                    (tk * noise + (1 - tk) * out) * self._keep_x,
-                    w_x,
-                    step_base,
-                    ctx.tokens,
-                    ctx.mask,
-                    domain_id,
-                )
-            else:  # velocity: Euler from t=0 (noise) to t=1
-                out = (
-                    out
-                    + self._step_fn(out * self._keep_x, w_x, step_base, ctx.tokens, ctx.mask, domain_id)
-                    / steps
-                )
-        return out
+            cfg, tr = self.net.config, self.net.transformer
+            n_act, a_dim, p_dim = cfg.num_actions, self.net.action_space.dim, cfg.proprio_dim
+            enc = self._encode_fn(pixel_values, image_mask, input_ids, attention_mask)
+            ctx = tr.context(domain_id, enc.vlm_features, enc.aux_features, n_act, enc.vlm_mask, enc.aux_mask)
+            b = domain_id.shape[0]
+            enc_w = tr.action_encoder.fc(domain_id).view(b, -1, tr.cfg.hidden_size)  # [B, A+P+Dt, H]
+            w_x, w_p, w_t = enc_w.split([a_dim, p_dim, tr.cfg.dim_time], dim=1)
+            bias = tr.action_encoder.bias(domain_id)[:, None] + tr.pos_emb[:, :n_act]  # [B, T, H]
+            base = bias + torch.matmul((proprio.to(self.act_dtype) * self._keep_p)[:, None], w_p)  # [B, T, H]
+            objective = self.net.objective
+            grid, time_emb = self._time_grid(steps)
+            t_term = torch.matmul(time_emb, w_t)  # [B, S, H] (time_emb [S, Dt], w_t [B, Dt, H])
+            noise = noise.to(self.act_dtype)
+            state = objective.start(noise)
+            for k, tk in enumerate(grid):
+                x_in = objective.net_input(state, noise, tk) * self._keep_x
+                pred = self._step_fn(x_in, w_x, base + t_term[:, k : k + 1], ctx.tokens, ctx.mask, domain_id)
+                state = objective.step(state, pred, steps)
+            return state
 
     def _time_grid(self, steps: int) -> tuple[list[float], Tensor]:
         """The sampler's t values (host floats) and their time embeddings [S, Dt] on the device, made once per
         step count (before any capture: a host-to-device copy cannot be captured)."""
         if steps not in self._grids:
-            renoise = self.net.config.objective == "x0_renoise"
-            grid = (
-                [(steps - k) / steps for k in range(steps)] if renoise else [k / steps for k in range(steps)]
-            )
+            grid = self.net.objective.grid(steps)
             t = torch.tensor(grid, dtype=torch.float32, device=self.device)
             self._grids[steps] = (
                 grid,
@@ -355,10 +310,7 @@ class FastGenerator:
         raw = self._graph_chunk(inputs, steps) if self.use_graph else None
         if raw is None:
             raw = self._timed_first(inputs, steps)
-        out = raw.to(out_dtype)
-        if self.net.config.objective == "x0_renoise":
-            return self.net.action_space.postprocess(out)
-        return out[..., : self.net.action_space.input_dim]
+        return self.net.objective.finish(raw.to(out_dtype), self.net.action_space)
 
     def _timed_first(self, inputs: dict[str, Tensor | None], steps: int) -> Tensor:
         """Run the un-captured path; a failing compile falls back to the static eager code."""
@@ -414,109 +366,8 @@ _GENERATORS: weakref.WeakKeyDictionary[XVLA, dict[FastOptions, FastGenerator]] =
 
 
 def fast_generator(model: XVLA, options: FastOptions = FastOptions()) -> FastGenerator:
-    """The `FastGenerator` of `model` for `options`, built once and cached (what `XVLA.generate(fast=True)` uses)."""
+    """The `FastGenerator` of `model` for `options`, built once and cached (what `Policy` uses)."""
     per_model = _GENERATORS.setdefault(model, {})
     if options not in per_model:
         per_model[options] = FastGenerator(model, options, weak_model=True)
     return per_model[options]
-
-
-# ----------------------------------------------------------------------------------------------------- training
-def prepare_training(
-    model: nn.Module,
-    *,
-    compile_layers: bool = True,
-    activation_checkpointing: bool = False,
-    compile_mode: str | None = None,
-) -> nn.Module:
-    """In place: checkpoint and/or `torch.compile` each repeated layer (`LAYER_CLASSES`) as its own region, so
-    compile time does not grow with depth and every head/text/vision layer shares one compiled graph."""
-    layers = [m for m in model.modules() if type(m).__name__ in LAYER_CLASSES]
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            CheckpointImpl,
-            apply_activation_checkpointing,
-            checkpoint_wrapper,
-        )
-
-        def wrap(m: nn.Module) -> nn.Module:
-            return checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-
-        apply_activation_checkpointing(
-            model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: type(m).__name__ in LAYER_CLASSES
-        )
-    if compile_layers:
-        _raise_recompile_limit()
-        for layer in layers:
-            layer.compile(mode=compile_mode, dynamic=False)
-    return model
-
-
-def fused_adamw(
-    params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0
-) -> torch.optim.AdamW:
-    """AdamW as the recipe has it, fused into one kernel per step on CPU and CUDA (per tensor elsewhere), as the
-    trainer's `xvla.train.optim.build_optimizer`."""
-    params = list(params)
-    fusable = all(
-        p.device.type in ("cpu", "cuda")
-        for p in (q for g in params for q in (g["params"] if isinstance(g, dict) else [g]))
-    )
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fusable)
-
-
-# ----------------------------------------------------------------------------------------------- FLOPs, bytes
-def count_flops(model_config: Any, batch_size: int = 1, views: int | None = None) -> dict[str, int]:
-    """FLOPs of one forward of each part, counted on the meta device (no memory, no compute):
-    {"vision": all views, "text": BART encoder, "head": one head pass, "chunk": vision + text + head x num_steps,
-    "train_sample": 3 x (vision + text + head) / batch_size}, for `batch_size` samples of `views` views."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = model_config
-    v = views or cfg.num_views
-    with torch.device("meta"):
-        model = XVLA(cfg).eval()
-        gen = FastGenerator.__new__(FastGenerator)  # the static encoder needs only these attributes
-        gen._model, gen._copy, gen.act_dtype = (lambda: model), None, torch.float32
-        b = batch_size
-        pixels = torch.zeros(b * v, 3, cfg.image_size, cfg.image_size)
-        ids = torch.zeros(b, cfg.max_text_len, dtype=torch.long)
-        counts: dict[str, int] = {}
-        with FlopCounterMode(display=False) as fc:
-            feats = model.vlm.encode_images(pixels)
-        counts["vision"] = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            enc = gen._encode(
-                pixels.view(b, v, *pixels.shape[1:]), torch.ones(b, v, dtype=torch.bool), ids, None
-            )
-        counts["text"] = fc.get_total_flops() - counts["vision"]
-        del feats
-        x = torch.zeros(b, cfg.num_actions, model.action_space.dim)
-        with FlopCounterMode(display=False) as fc:
-            model.denoise(
-                x, torch.zeros(b), torch.zeros(b, cfg.proprio_dim), torch.zeros(b, dtype=torch.long), enc
-            )
-        counts["head"] = fc.get_total_flops()
-    counts["chunk"] = counts["vision"] + counts["text"] + counts["head"] * cfg.num_steps
-    counts["train_sample"] = 3 * (counts["vision"] + counts["text"] + counts["head"]) // b
-    return counts
-
-
-def weight_bytes(model_config: Any, bytes_per_param: int = 2) -> dict[str, int]:
-    """Weight bytes read per chunk at batch 1: encoder once, head once per step (the memory-bandwidth floor)."""
-    with torch.device("meta"):
-        model = XVLA(model_config)
-    enc = sum(p.numel() for p in model.vlm.parameters())
-    head = sum(p.numel() for p in model.transformer.parameters())
-    # Per-domain tables are read one row per sample, not whole.
-    tr = model.transformer
-    tables = [tr.action_encoder, tr.action_decoder] + (
-        [tr.soft_prompt_hub] if tr.soft_prompt_hub is not None else []
-    )
-    per_domain = sum(p.numel() for t in tables for p in t.parameters())
-    head_read = head - per_domain + per_domain // tr.num_domains
-    return {
-        "encoder_params": enc,
-        "head_params": head,
-        "chunk_bytes": (enc + head_read * model_config.num_steps) * bytes_per_param,
-    }

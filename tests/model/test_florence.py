@@ -1,0 +1,98 @@
+"""The Florence-2 encoder on its own (xvla.model.florence): native config, feature shapes, views, key masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xvla.config import XVLAConfig
+from xvla.model import XVLA
+from xvla.model.fast.sampling import static_encode
+from xvla.model.florence import EncodedObservation, FlorenceEncoder, florence2_config, key_masks
+
+from .model_helpers import make_batch, small_config
+
+
+def _encoder(**changes: object) -> tuple[FlorenceEncoder, XVLAConfig]:
+    cfg = small_config(**changes)
+    torch.manual_seed(0)
+    return FlorenceEncoder(cfg).eval(), cfg
+
+
+def _encode(enc: FlorenceEncoder, batch: dict[str, torch.Tensor]) -> EncodedObservation:
+    with torch.no_grad():
+        return enc(batch["pixel_values"], batch["image_mask"], batch["input_ids"], batch["attention_mask"])
+
+
+def test_native_config_follows_ours() -> None:
+    cfg = small_config()
+    native = florence2_config(cfg)
+    assert list(native.vision_config.embed_dim) == list(cfg.vision.embed_dim)
+    assert native.vision_config.projection_dim == cfg.text.d_model  # image tokens share the text width
+    assert native.text_config.vocab_size == cfg.text.vocab_size
+    assert native.text_config.encoder_layers == cfg.text.encoder_layers
+    assert not native.text_config.scale_embedding
+
+
+def test_feature_shapes() -> None:
+    enc, cfg = _encoder()
+    n_tok, d, n_text = cfg.tokens_per_view, cfg.text.d_model, cfg.max_text_len
+    assert n_tok == 5  # 64 px: 1 + 2 x 2
+    assert enc.encode_images(torch.randn(4, 3, 64, 64)).shape == (4, n_tok, d)
+    out = _encode(enc, make_batch(cfg, b=2))
+    assert out.vlm_features.shape == (2, n_tok + n_text, d)  # primary view, then the text
+    assert out.aux_features.shape == (2, (cfg.num_views - 1) * n_tok, d)
+    assert out.vlm_mask is None and out.aux_mask is None  # masking options off: released behaviour
+
+
+def test_missing_and_absent_views_give_zero_features() -> None:
+    enc, cfg = _encoder()
+    batch = make_batch(cfg, b=2)  # sample 1 lacks its auxiliary views
+    out = _encode(enc, batch)
+    assert bool((out.aux_features[1] == 0).all()) and bool((out.aux_features[0] != 0).any())
+    one_view = dict(batch, pixel_values=batch["pixel_values"][:, :1], image_mask=batch["image_mask"][:, :1])
+    assert bool((_encode(enc, one_view).aux_features == 0).all())  # views beyond those given are padded
+
+
+def test_key_masks_known_case() -> None:
+    image_mask = torch.tensor([[True, True, False]])
+    ids, attention = torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 0]])
+    n = small_config().tokens_per_view
+    assert key_masks(small_config(), image_mask, ids, attention) == (None, None)
+    vlm, aux = key_masks(
+        small_config(mask_text_padding=True, mask_missing_views=True), image_mask, ids, attention
+    )
+    assert vlm.tolist() == [[True] * n + [True, True, True, False]]
+    assert aux.tolist() == [[True] * n + [False] * n]
+    vlm, aux = key_masks(small_config(mask_text_padding=True), image_mask, ids, attention)
+    assert aux.tolist() == [[True] * 2 * n]  # only text padding masked: every view kept
+    vlm, _ = key_masks(small_config(mask_missing_views=True), image_mask, ids, attention)
+    assert bool(vlm.all())  # only views masked: every word kept
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_text_padding_mask_hides_pad_tokens(masked: bool) -> None:
+    enc, cfg = _encoder(mask_text_padding=masked)
+    batch = make_batch(cfg, b=2)  # sample 1 pads its text from token 5
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    other["input_ids"][1, 5:] = 7  # different ids under the padding
+    real = cfg.tokens_per_view + 5  # primary view + the 5 real tokens
+    a, b = _encode(enc, batch).vlm_features[1, :real], _encode(enc, other).vlm_features[1, :real]
+    assert torch.allclose(a, b, atol=1e-6) == masked
+
+
+@pytest.mark.parametrize("changes", [{}, {"mask_text_padding": True, "mask_missing_views": True}])
+def test_static_encoder_matches_the_eager_one(changes: dict[str, object]) -> None:
+    """The fast path's static-shape encoder (all views through DaViT, missing ones zeroed) gives the same features."""
+    cfg = small_config(**changes)
+    torch.manual_seed(0)
+    model = XVLA(cfg).eval()
+    batch = make_batch(cfg, b=2)
+    args = (batch["pixel_values"], batch["image_mask"], batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        eager, static = model.encode(*args), static_encode(model, *args, torch.float32)
+    torch.testing.assert_close(static.vlm_features, eager.vlm_features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(static.aux_features, eager.aux_features, atol=1e-5, rtol=1e-4)
+    assert (static.vlm_mask is None) == (eager.vlm_mask is None) == (not changes)
+    if changes:
+        assert torch.equal(static.vlm_mask, eager.vlm_mask) and torch.equal(static.aux_mask, eager.aux_mask)
