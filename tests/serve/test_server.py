@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from xvla.serve import protocol
 from xvla.serve.client import PolicyClient, ServerError
+from xvla.serve.codecs import ACT, RAW
 from xvla.serve.policy import Policy
 from xvla.serve.server import ServerConfig, ServerThread
 
@@ -617,8 +618,6 @@ def test_bodies_are_decoded_off_the_event_loop(
 ) -> None:
     """A decode that never finishes (a stand-in for 4 concurrent 15 MiB JSON bodies, which stalled /healthz for
     up to 5.9 s) must leave the loop free: /healthz answers while it runs."""
-    from xvla.serve import server as server_module
-
     started, release = threading.Event(), threading.Event()
     threads: list[str] = []
 
@@ -631,8 +630,8 @@ def test_bodies_are_decoded_off_the_event_loop(
 
         return wrapper
 
-    monkeypatch.setattr(server_module, "decode_json", blocking(server_module.decode_json))
-    monkeypatch.setattr(server_module, "unpackb", blocking(server_module.unpackb))
+    for codec in (ACT, RAW):
+        monkeypatch.setattr(codec, "loads", blocking(codec.loads))
     obs = raw_obs(np.random.default_rng(64))
     replies: list[Any] = []
     with ServerThread(raw_policy, ServerConfig(port=0)) as server:
@@ -702,7 +701,7 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
     from xvla.serve import server as server_module
 
     started, release = threading.Event(), threading.Event()
-    real_decode = server_module.decode_json
+    real_decode = ACT.loads
 
     def held(data: bytes) -> Any:
         if len(data) > 2**19:  # only the large body waits
@@ -711,7 +710,7 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
         return real_decode(data)
 
     trims: list[bool] = []
-    monkeypatch.setattr(server_module, "decode_json", held)
+    monkeypatch.setattr(ACT, "loads", held)
     monkeypatch.setattr(server_module, "release_memory", lambda: trims.append(True))
     monkeypatch.setattr(server_module, "TRIM_AFTER_BYTES", 1)
     obs = raw_obs(np.random.default_rng(66))

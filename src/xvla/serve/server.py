@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import threading
@@ -47,7 +48,8 @@ from websockets.http11 import Request, Response, parse_headers, parse_line
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from xvla.serve.protocol import RequestError, decode_json, encode_json, packb, unpackb
+from xvla.serve.codecs import ACT, Codec
+from xvla.serve.protocol import RequestError, packb
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,11 @@ class ServablePolicy(Protocol):
     """What the server needs from a policy (`xvla.serve.policy.Policy` implements it)."""
 
     metadata: dict[str, Any]
+    codec: Codec  # the format of WebSocket requests
 
     def prepare(
-        self, obs: Mapping[str, Any]
-    ) -> Any: ...  # validates + transforms; raises RequestError (thread-safe)
-
-    def prepare_raw(self, obs: Mapping[str, Any]) -> Any: ...  # the authors' /act fields
+        self, obs: Mapping[str, Any], *, codec: Codec
+    ) -> Any: ...  # validates + transforms; raises RequestError
 
     def run(self, prepared: list[Any]) -> list[dict[str, Any]]: ...  # one batched forward pass
 
@@ -159,15 +160,13 @@ class Batcher:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, obs: Any, *, raw: bool = False) -> dict[str, Any]:
-        """Validate and queue one request; returns the policy's reply plus `server_timing`, or raises
-        RequestError naming the problem. `raw`: the authors' /act fields rather than the policy's own format."""
-        if not isinstance(obs, Mapping):
-            raise RequestError(f"observation must be a map, got {type(obs).__name__}")
+    async def submit(self, obs: Any, codec: Codec) -> dict[str, Any]:
+        """Validate and queue one request in `codec`'s format; returns the policy's reply plus `server_timing`,
+        or raises RequestError naming the problem."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         prepared = await loop.run_in_executor(
-            self._prep, self.policy.prepare_raw if raw else self.policy.prepare, obs
+            self._prep, functools.partial(self.policy.prepare, obs, codec=codec)
         )
         now = time.perf_counter()
         job = _Job(prepared, loop.create_future(), now, (now - start) * 1000.0)
@@ -436,8 +435,8 @@ def _method_not_allowed(conn: ServerConnection, method: str, path: str) -> Respo
     return response
 
 
-def _json_response(conn: ServerConnection, status: int, obj: Mapping[str, Any]) -> Response:
-    response = conn.respond(status, encode_json(obj).decode())
+def _json_response(conn: ServerConnection, status: int, body: bytes) -> Response:
+    response = conn.respond(status, body.decode())
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = "application/json"
     return response
@@ -508,7 +507,9 @@ class PolicyServer:
             return _method_not_allowed(conn, request.method, path)
         if path == "/healthz" and request.method == "GET":
             assert self._batcher is not None
-            return _json_response(conn, 200, {"status": "ok", "pending": self._batcher.pending})
+            return _json_response(
+                conn, 200, json.dumps({"status": "ok", "pending": self._batcher.pending}).encode()
+            )
         if not self._authorized(request.headers):
             return conn.respond(
                 HTTPStatus.UNAUTHORIZED, "missing or wrong API key (send 'Authorization: Api-Key <key>')\n"
@@ -523,19 +524,21 @@ class PolicyServer:
             return _method_not_allowed(conn, request.method, path)  # a browser or curl on the HTTP route
         return None  # WebSocket handshake (any path, as openpi's server)
 
-    async def _act(self, conn: ServerConnection, body: bytes) -> Response:
-        """The authors' `POST /act`: json-numpy fields in, `{"action": [[20 floats] x 30]}` out."""
+    async def _answer(self, codec: Codec, data: bytes) -> bytes:
+        """One request in `codec`'s format -> the bytes of its reply (raises RequestError for a bad request)."""
         assert self._batcher is not None
+        # Off the loop: decoding a 16 MiB body takes long enough to stall every other client's replies.
+        obs = await asyncio.to_thread(codec.loads, data)
+        return codec.dumps(await self._batcher.submit(obs, codec))
+
+    async def _act(self, conn: ServerConnection, body: bytes) -> Response:
+        """The authors' `POST /act` (`codecs.act`)."""
         try:
-            # Off the loop: decoding a 16 MiB body takes long enough to stall every other client's replies.
-            reply = await self._batcher.submit(await asyncio.to_thread(decode_json, body), raw=True)
+            return _json_response(conn, 200, await self._answer(ACT, body))
         except RequestError as err:
-            return _json_response(conn, 400, {"error": str(err)})
+            return _json_response(conn, 400, json.dumps({"error": str(err)}).encode())
         except Exception as err:
-            return _json_response(conn, 500, {"error": f"{type(err).__name__}: {err}"})
-        return _json_response(
-            conn, 200, {"action": reply["actions"], "server_timing": reply["server_timing"]}
-        )
+            return _json_response(conn, 500, json.dumps({"error": f"{type(err).__name__}: {err}"}).encode())
 
     async def _handle_ws(self, conn: ServerConnection) -> None:
         assert self._batcher is not None
@@ -548,8 +551,7 @@ class PolicyServer:
                 try:
                     if isinstance(message, str):
                         raise RequestError("expected a binary msgpack message, got a text frame")
-                    obs = await asyncio.to_thread(unpackb, message)  # off the loop, as JSON bodies
-                    reply = packb(await self._batcher.submit(obs))
+                    reply = await self._answer(self.policy.codec, message)
                 except RequestError as err:
                     await conn.send(f"invalid request: {err}")
                     continue
