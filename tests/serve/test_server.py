@@ -698,7 +698,7 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
 ) -> None:
     """While one large body is being decoded (held in memory), a second that would pass max_buffered_mb is
     refused before it is read; once the first is answered the bytes are returned and new requests are served."""
-    from xvla.serve import server as server_module
+    from xvla.serve import limits as limits_module
 
     started, release = threading.Event(), threading.Event()
     real_decode = ACT.loads
@@ -711,8 +711,8 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
 
     trims: list[bool] = []
     monkeypatch.setattr(ACT, "loads", held)
-    monkeypatch.setattr(server_module, "release_memory", lambda: trims.append(True))
-    monkeypatch.setattr(server_module, "TRIM_AFTER_BYTES", 1)
+    monkeypatch.setattr(limits_module, "release_memory", lambda: trims.append(True))
+    monkeypatch.setattr(limits_module, "TRIM_AFTER_BYTES", 1)
     obs = raw_obs(np.random.default_rng(66))
     large = json_numpy.dumps({**obs, "padding": "x" * 700_000}).encode()  # ~0.7 of max_buffered
     config = ServerConfig(port=0, max_message_mb=1.0, max_buffered_mb=1.0)
