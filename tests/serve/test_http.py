@@ -6,6 +6,7 @@ import random
 from http import HTTPStatus
 
 import pytest
+from websockets.datastructures import Headers
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
@@ -60,7 +61,7 @@ def test_bad_heads_are_refused_by_name(data: bytes, status: HTTPStatus, needle: 
 )
 def test_bodies_need_one_plain_content_length(headers: list[tuple[str, str]], needle: str) -> None:
     with pytest.raises(http.Refusal, match=needle):
-        http.body_length(http.Headers(headers))
+        http.body_length(Headers(headers))
 
 
 def test_replies_look_like_websockets_own() -> None:
