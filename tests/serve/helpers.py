@@ -95,7 +95,7 @@ class SlowPolicy:
     def __init__(self, inner: Policy, delay_s: float) -> None:
         self.inner, self.delay_s = inner, delay_s
         self.metadata = inner.metadata
-        self.prepare, self.prepare_raw = inner.prepare, inner.prepare_raw
+        self.prepare, self.codec = inner.prepare, inner.codec
 
     def run(self, prepared: list) -> list:  # noqa: ANN001
         time.sleep(self.delay_s)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from xvla.data.transforms import ObservationTransform
-from xvla.serve.policy import NonFiniteActionError, Policy, resample_anchors
+from xvla.serve.codecs.source import resample_anchors
+from xvla.serve.policy import NonFiniteActionError, Policy
 from xvla.serve.protocol import RequestError
 
 from .helpers import STEPS, arm_source, nan_policy, raw_obs, robot_obs

@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from xvla.serve import protocol
 from xvla.serve.client import PolicyClient, ServerError
+from xvla.serve.codecs import ACT, RAW
 from xvla.serve.policy import Policy
 from xvla.serve.server import ServerConfig, ServerThread
 
@@ -617,8 +618,6 @@ def test_bodies_are_decoded_off_the_event_loop(
 ) -> None:
     """A decode that never finishes (a stand-in for 4 concurrent 15 MiB JSON bodies, which stalled /healthz for
     up to 5.9 s) must leave the loop free: /healthz answers while it runs."""
-    from xvla.serve import server as server_module
-
     started, release = threading.Event(), threading.Event()
     threads: list[str] = []
 
@@ -631,8 +630,8 @@ def test_bodies_are_decoded_off_the_event_loop(
 
         return wrapper
 
-    monkeypatch.setattr(server_module, "decode_json", blocking(server_module.decode_json))
-    monkeypatch.setattr(server_module, "unpackb", blocking(server_module.unpackb))
+    for codec in (ACT, RAW):
+        monkeypatch.setattr(codec, "loads", blocking(codec.loads))
     obs = raw_obs(np.random.default_rng(64))
     replies: list[Any] = []
     with ServerThread(raw_policy, ServerConfig(port=0)) as server:
@@ -699,10 +698,10 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
 ) -> None:
     """While one large body is being decoded (held in memory), a second that would pass max_buffered_mb is
     refused before it is read; once the first is answered the bytes are returned and new requests are served."""
-    from xvla.serve import server as server_module
+    from xvla.serve import limits as limits_module
 
     started, release = threading.Event(), threading.Event()
-    real_decode = server_module.decode_json
+    real_decode = ACT.loads
 
     def held(data: bytes) -> Any:
         if len(data) > 2**19:  # only the large body waits
@@ -711,9 +710,9 @@ def test_buffered_bytes_over_the_cap_are_refused_and_returned(
         return real_decode(data)
 
     trims: list[bool] = []
-    monkeypatch.setattr(server_module, "decode_json", held)
-    monkeypatch.setattr(server_module, "release_memory", lambda: trims.append(True))
-    monkeypatch.setattr(server_module, "TRIM_AFTER_BYTES", 1)
+    monkeypatch.setattr(ACT, "loads", held)
+    monkeypatch.setattr(limits_module, "release_memory", lambda: trims.append(True))
+    monkeypatch.setattr(limits_module, "TRIM_AFTER_BYTES", 1)
     obs = raw_obs(np.random.default_rng(66))
     large = json_numpy.dumps({**obs, "padding": "x" * 700_000}).encode()  # ~0.7 of max_buffered
     config = ServerConfig(port=0, max_message_mb=1.0, max_buffered_mb=1.0)

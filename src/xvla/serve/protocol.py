@@ -1,17 +1,16 @@
-"""Wire format shared by the server and the client (numpy, msgpack and json only: no torch here).
+"""Wire format shared by the server and the client (numpy and msgpack only: no torch here).
 
 WebSocket messages are msgpack with numpy arrays packed exactly as openpi's `openpi_client.msgpack_numpy`
 does (`{b"__ndarray__": True, b"data": raw bytes, b"dtype": "<f4", b"shape": [..]}`), so openpi's
 `WebsocketClientPolicy` talks to our server unchanged. Decoding is written for untrusted input: only plain
-numeric dtypes, the byte count must match the shape, never pickle. The HTTP `/act` body is json-numpy JSON
-(the authors' protocol).
+numeric dtypes, the byte count must match the shape, never pickle. (The HTTP `/act` body is json-numpy JSON:
+`xvla.serve.codecs.act`, server side only.)
 
 Request checks live here too (`image`, `vector`, ...) so every error names the field and what was expected.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -95,26 +94,6 @@ def unpackb(data: bytes) -> Any:
         raise
     except Exception as err:  # msgpack raises many types (ExtraData, FormatError, ValueError, ...)
         raise RequestError(f"invalid msgpack message: {type(err).__name__}: {err}") from None
-
-
-def decode_json(body: bytes) -> dict[str, Any]:
-    """Decode a json-numpy request body (the authors' `/act` protocol) into a dict."""
-    import json_numpy  # server side only: the robot client never needs it
-
-    try:
-        obj = json_numpy.loads(body)
-    except Exception as err:
-        raise RequestError(f"invalid JSON / json-numpy body: {type(err).__name__}: {err}") from None
-    if not isinstance(obj, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def encode_json(obj: Mapping[str, Any]) -> bytes:
-    """JSON-encode a reply; numpy arrays become nested lists (what the authors' clients read)."""
-    return json.dumps(
-        obj, default=lambda o: o.tolist() if isinstance(o, (np.ndarray, np.generic)) else str(o)
-    ).encode()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import torch
 
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture, Source
-from xvla.serve.policy import Policy, Prepared
+from xvla.serve.codecs import Prepared
+from xvla.serve.policy import Policy
 
 
 def _robot_observation(dataset: MixtureDataset, source: Source, sample: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """Policy server: WebSocket (openpi protocol) and HTTP (`GET /healthz`, `POST /act`) on one port.
 
-One asyncio event loop (the `websockets` server) owns the sockets; model work runs in a single worker thread
-fed by a dynamic batcher, so the loop keeps answering pings, health checks and malformed requests while
-the model computes. Concurrent requests that arrive within `max_wait_ms` of each other share one forward pass
-(up to `max_batch`); a request that makes its batch fail is retried alone, so it fails by itself.
+One asyncio event loop (the `websockets` server) owns the sockets. Every connection first reads its request as
+HTTP (`connection.Connection`): `respond` answers the HTTP routes and every refusal, and a WebSocket handshake goes
+on to websockets, then to `_handle_ws`. Both transports answer requests through their format's codec
+(`xvla.serve.codecs`). Model work runs in a single worker thread fed by a dynamic batcher, so the loop keeps
+answering pings, health checks and malformed requests while the model computes. Concurrent requests that arrive
+within `max_wait_ms` of each other share one forward pass (up to `max_batch`); a request that makes its batch
+fail is retried alone, so it fails by itself.
 
 WebSocket protocol (wire-compatible with `openpi_client.websocket_client_policy.WebsocketClientPolicy`):
 on connect the server sends the policy metadata (msgpack); each binary msgpack observation is answered with a
@@ -18,17 +21,14 @@ bound host or `ServerConfig.allow_origins`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
 import functools
 import hmac
 import ipaddress
 import logging
-import re
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -36,18 +36,15 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import (
-    ConnectionClosed,
-    HeaderLineTooLong,
-    RequestLineTooLong,
-    TooManyHeaders,
-)
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
-from websockets.http11 import Request, Response, parse_headers, parse_line
-from websockets.protocol import State
-from websockets.server import ServerProtocol
+from websockets.http11 import Response
 
-from xvla.serve.protocol import RequestError, decode_json, encode_json, packb, unpackb
+from xvla.serve import http
+from xvla.serve.codecs import ACT, Codec
+from xvla.serve.connection import Connection
+from xvla.serve.limits import Limits
+from xvla.serve.protocol import RequestError, packb
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +53,11 @@ class ServablePolicy(Protocol):
     """What the server needs from a policy (`xvla.serve.policy.Policy` implements it)."""
 
     metadata: dict[str, Any]
+    codec: Codec  # the format of WebSocket requests
 
     def prepare(
-        self, obs: Mapping[str, Any]
-    ) -> Any: ...  # validates + transforms; raises RequestError (thread-safe)
-
-    def prepare_raw(self, obs: Mapping[str, Any]) -> Any: ...  # the authors' /act fields
+        self, obs: Mapping[str, Any], *, codec: Codec
+    ) -> Any: ...  # validates + transforms; raises RequestError
 
     def run(self, prepared: list[Any]) -> list[dict[str, Any]]: ...  # one batched forward pass
 
@@ -74,7 +70,7 @@ class ServerConfig:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_message_mb: float = 16.0
-    open_timeout_s: float = 30.0  # covers a POST /act waiting for its inference
+    open_timeout_s: float = 30.0  # a connection until it is a WebSocket: covers a POST /act's inference
     # Browser origins allowed besides loopback pages and the bound host ("*": any). A browser attaches
     # `Origin` to every WebSocket and cross-site POST: without this check any web page the robot's operator
     # opens could drive an unauthenticated server on localhost.
@@ -159,15 +155,13 @@ class Batcher:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, obs: Any, *, raw: bool = False) -> dict[str, Any]:
-        """Validate and queue one request; returns the policy's reply plus `server_timing`, or raises
-        RequestError naming the problem. `raw`: the authors' /act fields rather than the policy's own format."""
-        if not isinstance(obs, Mapping):
-            raise RequestError(f"observation must be a map, got {type(obs).__name__}")
+    async def submit(self, obs: Any, codec: Codec) -> dict[str, Any]:
+        """Validate and queue one request in `codec`'s format; returns the policy's reply plus `server_timing`,
+        or raises RequestError naming the problem."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         prepared = await loop.run_in_executor(
-            self._prep, self.policy.prepare_raw if raw else self.policy.prepare, obs
+            self._prep, functools.partial(self.policy.prepare, obs, codec=codec)
         )
         now = time.perf_counter()
         job = _Job(prepared, loop.create_future(), now, (now - start) * 1000.0)
@@ -237,210 +231,13 @@ class Batcher:
         self._model.shutdown(wait=False, cancel_futures=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Connection and memory limits
-
-TRIM_AFTER_BYTES = 64 * 2**20  # buffered since the last trim before an idle server gives memory back
-
-
-def release_memory() -> None:
-    """Give freed heap memory back to the OS. glibc keeps large freed buffers in its heap (its mmap threshold
-    grows with the first large free): RSS stayed 2.7 GB above its start after clients that sent 14 MiB
-    messages had left."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class _Limits:
-    """Open connections and bytes held in request bodies and messages being answered, against the caps of
-    `ServerConfig`. Used from the event loop's thread only, so it needs no lock."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.max_connections = config.max_connections
-        self.max_buffered = config.max_buffered_bytes
-        self.connections = 0
-        self.buffered = 0
-        self._since_trim = 0
-
-    def reserve(self, n: int) -> bool:
-        if self.buffered + n > self.max_buffered:
-            return False
-        self.buffered += n
-        self._since_trim += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.buffered -= n
-
-    def busy_connections(self) -> str | None:
-        if self.connections <= self.max_connections:
-            return None
-        return (
-            f"server busy: {self.connections - 1} connections open, the limit is {self.max_connections} "
-            "(max_connections); retry later"
-        )
-
-    def busy_bytes(self, n: int) -> str:
-        return (
-            f"server busy: {self.buffered} bytes of requests held, {n} more would pass the limit of "
-            f"{self.max_buffered} (max_buffered_mb); retry later"
-        )
-
-    def opened(self) -> None:
-        self.connections += 1
-
-    def closed(self) -> None:
-        self.connections -= 1
-        if self.connections == 0 and self._since_trim >= TRIM_AFTER_BYTES:
-            self._since_trim = 0
-            asyncio.get_running_loop().run_in_executor(None, release_memory)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# HTTP requests with bodies inside the websockets server
-
-
-@dataclasses.dataclass
-class _BodyRequest(Request):
-    body: bytes = b""
-
-
-class _BodyServerProtocol(ServerProtocol):
-    """websockets' handshake parser refuses request bodies and closes the connection without a word on any
-    request it cannot parse. This one parses every request itself and answers each it refuses (400, 413, 431,
-    503). A `GET` without a body goes on as a WebSocket handshake or `/healthz`; any other request (`POST /act`,
-    but also a stray `PUT`, or a `GET` with a body, which gets a 400 or 405 from `process_request`) is read with
-    its body (<= max_size) and handed to `process_request` as a `_BodyRequest`."""
-
-    limits: _Limits
-    reserved: int = 0  # bytes of this connection's body counted in `limits` (released when it closes)
-
-    def parse(self) -> Generator[None, None, None]:
-        while len(self.reader.buffer) < 4 and not self.reader.eof:
-            yield
-        if (busy := self.limits.busy_connections()) is not None:
-            yield from self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, busy)
-            return
-        try:
-            request = yield from self._read_request()
-        except _Refused as refused:
-            yield from self._refuse(refused.status, str(refused))
-            return
-        except RequestLineTooLong as err:
-            yield from self._refuse(HTTPStatus.REQUEST_URI_TOO_LONG, f"request line too long: {err}")
-            return
-        except (HeaderLineTooLong, TooManyHeaders) as err:
-            yield from self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"headers too large: {err}")
-            return
-        except Exception as err:  # EOF or bad syntax
-            yield from self._refuse(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {err}")
-            return
-        self.events.append(request)
-        if isinstance(request, _BodyRequest):
-            # One request per connection (the reply closes it): bytes after the body are ignored, never parsed as
-            # WebSocket frames of a connection that was never opened. send_response then replaces this parser.
-            while not (yield from self.reader.at_eof()):
-                self.reader.discard()
-            while True:
-                yield
-        # Frames only once the handshake is answered: parsed earlier, bad framing would close the connection
-        # while the handshake is pending, and answering it would then fail inside websockets (AssertionError).
-        # A refusal replaces this parser; `_Connection.handshake` resumes it after a 101.
-        while self.state is State.CONNECTING:
-            yield
-        yield from super(ServerProtocol, self).parse()
-
-    def _refuse(self, status: HTTPStatus, why: str) -> Generator[None, None, None]:
-        self.send_response(self.reject(status, why + "\n"))
-        yield
-
-    def _read_request(self) -> Generator[None, None, Request]:
-        line = yield from parse_line(self.reader.read_line, RequestLineTooLong)
-        method, path, version = line.split(b" ", 2)
-        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"expected HTTP/1.1 or HTTP/1.0, got {version!r}")
-        headers = yield from parse_headers(self.reader.read_line)
-        fields = {
-            "path": path.decode("ascii"),  # a URI is ASCII (RFC 3986): a UnicodeDecodeError is a 400
-            "headers": headers,
-            "method": method.decode("ascii"),
-            "protocol": version.decode("ascii"),
-        }
-        if "Transfer-Encoding" in headers:
-            raise _Refused(HTTPStatus.BAD_REQUEST, "chunked bodies are not supported; send Content-Length")
-        declared = headers.get_all("Content-Length")
-        if len(declared) > 1 or not all(re.fullmatch(r"[0-9]+", n) for n in declared):
-            raise _Refused(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {declared}")
-        length = int(declared[0]) if declared else 0
-        if method == b"GET" and length == 0:
-            return Request(**fields)
-        limit = getattr(self, "max_message_size", getattr(self, "max_size", None))  # older name
-        if limit is not None and length > limit:
-            raise _Refused(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"request body of {length} bytes exceeds the limit of {limit} bytes",
-            )
-        if not self.limits.reserve(length):  # refused before a byte of the body is read
-            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, self.limits.busy_bytes(length))
-        self.reserved = length
-        if headers.get("Expect", "").lower() == "100-continue":  # curl asks before sending a large body
-            self.writes.append(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = yield from self.reader.read_exact(length)
-        return _BodyRequest(**fields, body=bytes(body))
-
-
-class _Refused(Exception):
-    def __init__(self, status: HTTPStatus, why: str) -> None:
-        super().__init__(why)
-        self.status = status
-
-
-class _Connection(ServerConnection):
-    def __init__(self, protocol: ServerProtocol, *args: Any, limits: _Limits, **kwargs: Any) -> None:
-        # No bytes have arrived yet (asyncio calls connection_made after the factory): restart the parser.
-        protocol.__class__ = _BodyServerProtocol
-        assert isinstance(protocol, _BodyServerProtocol)
-        protocol.limits = limits
-        protocol.parser = protocol.parse()
-        next(protocol.parser)
-        self.limits = limits
-        super().__init__(protocol, *args, **kwargs)
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        await super().handshake(*args, **kwargs)
-        reader = self.protocol.reader
-        if self.protocol.state is State.OPEN and reader.buffer and not reader.eof:
-            # Frames that came with the handshake request wait in the buffer: parse them now, not when the
-            # client next sends something.
-            self.data_received(b"")
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.limits.opened()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        protocol = self.protocol
-        assert isinstance(protocol, _BodyServerProtocol)
-        self.limits.release(protocol.reserved)
-        protocol.reserved = 0
-        self.limits.closed()
-
-
-def _method_not_allowed(conn: ServerConnection, method: str, path: str) -> Response:
-    response = conn.respond(
+def _method_not_allowed(method: str, path: str) -> Response:
+    allow = "GET" if path == "/healthz" else "POST" if path == "/act" else "GET, POST"
+    return http.text(
         HTTPStatus.METHOD_NOT_ALLOWED,
-        f"method {method} not allowed; POST /act, GET /healthz or a WebSocket GET\n",
+        f"method {method} not allowed; POST /act, GET /healthz or a WebSocket GET",
+        allow=allow,
     )
-    response.headers["Allow"] = "GET" if path == "/healthz" else "POST" if path == "/act" else "GET, POST"
-    return response
-
-
-def _json_response(conn: ServerConnection, status: int, obj: Mapping[str, Any]) -> Response:
-    response = conn.respond(status, encode_json(obj).decode())
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = "application/json"
-    return response
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -456,7 +253,7 @@ class PolicyServer:
         self.port: int | None = None
         self._batcher: Batcher | None = None
         self._metadata = packb(dict(policy.metadata))
-        self.limits = _Limits(config)
+        self.limits = Limits(config.max_connections, config.max_buffered_bytes)
 
     async def serve(
         self, stop: asyncio.Future[Any] | asyncio.Event, ready: threading.Event | None = None
@@ -469,8 +266,9 @@ class PolicyServer:
                 self._handle_ws,
                 cfg.host,
                 cfg.port,
-                process_request=self._process_request,
-                create_connection=functools.partial(_Connection, limits=self.limits),
+                create_connection=functools.partial(
+                    Connection, app=self, limits=self.limits, max_body=cfg.max_message_bytes
+                ),
                 compression=None,  # images do not deflate; save the CPU
                 max_size=cfg.max_message_bytes,
                 # Messages of one connection are answered in order, so queueing more only holds memory:
@@ -493,49 +291,55 @@ class PolicyServer:
         expected = f"Api-Key {self.config.api_key}"
         return hmac.compare_digest(headers.get("Authorization", "").encode(), expected.encode())
 
-    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
+    async def respond(self, request: http.Request) -> Response | None:
+        """Every HTTP request on the port (`connection.Connection` reads it): the reply, or None to open a
+        WebSocket (on any path, as openpi's server)."""
+        path, method = request.route, request.method
         origin = request.headers.get("Origin")
         if origin is not None and not self.config.origin_allowed(origin):
-            return conn.respond(
+            return http.text(
                 HTTPStatus.FORBIDDEN,
                 f"cross-origin request from Origin {origin!r} refused (start the server with --allow-origin "
-                f"{origin} to allow it)\n",
+                f"{origin} to allow it)",
             )
-        if isinstance(request, _BodyRequest) and request.method == "GET":
+        if method == "GET" and request.body is not None:
             if path != "/act":
-                return conn.respond(HTTPStatus.BAD_REQUEST, "a GET request has no body\n")
-            return _method_not_allowed(conn, request.method, path)
-        if path == "/healthz" and request.method == "GET":
+                return http.text(HTTPStatus.BAD_REQUEST, "a GET request has no body")
+            return _method_not_allowed(method, path)
+        if path == "/healthz" and method == "GET":
             assert self._batcher is not None
-            return _json_response(conn, 200, {"status": "ok", "pending": self._batcher.pending})
+            return http.json_reply(HTTPStatus.OK, {"status": "ok", "pending": self._batcher.pending})
         if not self._authorized(request.headers):
-            return conn.respond(
-                HTTPStatus.UNAUTHORIZED, "missing or wrong API key (send 'Authorization: Api-Key <key>')\n"
+            return http.text(
+                HTTPStatus.UNAUTHORIZED, "missing or wrong API key (send 'Authorization: Api-Key <key>')"
             )
-        if isinstance(request, _BodyRequest):
-            if request.method == "POST" and path == "/act":
-                return await self._act(conn, request.body)
-            if request.method == "POST":
-                return conn.respond(HTTPStatus.NOT_FOUND, f"no POST route {path!r}; POST /act\n")
-            return _method_not_allowed(conn, request.method, path)
+        if request.body is not None:
+            if method == "POST" and path == "/act":
+                return await self._act(request.body)
+            if method == "POST":
+                return http.text(HTTPStatus.NOT_FOUND, f"no POST route {path!r}; POST /act")
+            return _method_not_allowed(method, path)
         if path == "/act" and "websocket" not in request.headers.get("Upgrade", "").lower():
-            return _method_not_allowed(conn, request.method, path)  # a browser or curl on the HTTP route
-        return None  # WebSocket handshake (any path, as openpi's server)
+            return _method_not_allowed(method, path)  # a browser or curl on the HTTP route
+        return None
 
-    async def _act(self, conn: ServerConnection, body: bytes) -> Response:
-        """The authors' `POST /act`: json-numpy fields in, `{"action": [[20 floats] x 30]}` out."""
+    async def _answer(self, codec: Codec, data: bytes) -> bytes:
+        """One request in `codec`'s format -> the bytes of its reply (raises RequestError for a bad request)."""
         assert self._batcher is not None
+        # Off the loop: decoding a 16 MiB body takes long enough to stall every other client's replies.
+        obs = await asyncio.to_thread(codec.loads, data)
+        return codec.dumps(await self._batcher.submit(obs, codec))
+
+    async def _act(self, body: bytes) -> Response:
+        """The authors' `POST /act` (`codecs.act`)."""
         try:
-            # Off the loop: decoding a 16 MiB body takes long enough to stall every other client's replies.
-            reply = await self._batcher.submit(await asyncio.to_thread(decode_json, body), raw=True)
+            return http.json_reply(HTTPStatus.OK, await self._answer(ACT, body))
         except RequestError as err:
-            return _json_response(conn, 400, {"error": str(err)})
+            return http.json_reply(HTTPStatus.BAD_REQUEST, {"error": str(err)})
         except Exception as err:
-            return _json_response(conn, 500, {"error": f"{type(err).__name__}: {err}"})
-        return _json_response(
-            conn, 200, {"action": reply["actions"], "server_timing": reply["server_timing"]}
-        )
+            return http.json_reply(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"}
+            )
 
     async def _handle_ws(self, conn: ServerConnection) -> None:
         assert self._batcher is not None
@@ -548,8 +352,7 @@ class PolicyServer:
                 try:
                     if isinstance(message, str):
                         raise RequestError("expected a binary msgpack message, got a text frame")
-                    obs = await asyncio.to_thread(unpackb, message)  # off the loop, as JSON bodies
-                    reply = packb(await self._batcher.submit(obs))
+                    reply = await self._answer(self.policy.codec, message)
                 except RequestError as err:
                     await conn.send(f"invalid request: {err}")
                     continue

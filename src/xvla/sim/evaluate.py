@@ -271,7 +271,7 @@ class OraclePolicy:
 
     def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         from xvla.data.anchors import intention_targets
-        from xvla.serve.policy import resample_anchors
+        from xvla.serve.codecs.source import resample_anchors
 
         s, ep = self.source, self.episode
         state = np.asarray(obs["state"], dtype=np.float64)
