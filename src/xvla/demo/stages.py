@@ -343,6 +343,7 @@ def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict
 
 def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], base: Path) -> dict[str, Any]:
     """Grow the pre-trained model by one domain for the held-out robot and fit it in two stages."""
+    from xvla.model.checkpoint import read_sources
     from xvla.train.adapt import adapt
     from xvla.train.config import AdaptConfig, LoraSettings
     from xvla.train.run_folder import ADAPTATION_FILE
@@ -368,7 +369,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
     checkpoint = adapt(acfg)
     notes = json.loads((folder / ADAPTATION_FILE).read_text())  # what adapt did (trainer.run writes it)
     new = notes["new_domains"][cfg.heldout_name]
-    by_name = {n: int(d["domain_id"]) for n, d in json.loads((base / "sources.json").read_text()).items()}
+    by_name = {n: int(d["domain_id"]) for n, d in read_sources(base).items()}
     summary = training_summary(folder, checkpoint)
     summary.update(
         domain_id=new["domain_id"],

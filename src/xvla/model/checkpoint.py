@@ -28,6 +28,9 @@ from xvla.model.xvla import XVLA
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+SOURCES_NAME = (
+    "sources.json"  # the data sources the model was trained with, by name (xvla.data.sources.Source dicts)
+)
 Layout = Literal["xvla", "authors", "lerobot"]
 
 
@@ -168,6 +171,21 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: corrupt JSON ({err})") from None
+
+
+def read_sources(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """A checkpoint's `sources.json` as {name: Source dict}, {} if absent. Ours maps names to Source dicts; a
+    mixture (`{"sources": [...]}`) or a list of Source dicts is accepted too."""
+    path = Path(folder) / SOURCES_NAME
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    items = data.get("sources") if isinstance(data, dict) else data
+    if items is None:
+        return {str(name): {**spec, "name": str(name)} for name, spec in data.items()}
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
+        raise ValueError(f"{path}: expected a name -> source map, a mixture or a list of sources with names")
+    return {str(i["name"]): dict(i) for i in items}
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:

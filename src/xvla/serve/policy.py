@@ -12,7 +12,6 @@ the last executed predicted pose instead of the sensed one.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
-from xvla.model.checkpoint import resolve_folder
+from xvla.model.checkpoint import SOURCES_NAME, read_sources, resolve_folder
 from xvla.model.fast.sampling import fast_generator
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
@@ -36,7 +35,6 @@ from xvla.serve.protocol import RequestError
 
 logger = logging.getLogger(__name__)
 
-SOURCES_FILE = "sources.json"
 ProprioMode = Literal["sensed", "open_loop"]
 
 
@@ -64,14 +62,9 @@ class PolicyConfig:
 
 
 def load_sources(folder: str | Path) -> dict[str, Source]:
-    """`sources.json` of a checkpoint folder (a mixture dict, a list, or a name -> source map); {} if absent."""
-    path = Path(folder) / SOURCES_FILE
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and "sources" not in data:
-        data = [{"name": name, **spec} for name, spec in data.items()]
-    return {s.name: s for s in Mixture.from_dict(data).sources}
+    """The sources of a checkpoint folder (`xvla.model.checkpoint.read_sources`), validated; {} if none."""
+    specs = read_sources(folder)
+    return {s.name: s for s in Mixture.from_dict(list(specs.values())).sources} if specs else {}
 
 
 class Policy:
@@ -277,5 +270,5 @@ def _resolve_source(name: str, sources: Mapping[str, Source], folder: Path) -> S
             )
         return found[0]
     raise ValueError(
-        f"source {name!r}: not in {folder / SOURCES_FILE} (known: {sorted(sources)}) and not a source file"
+        f"source {name!r}: not in {folder / SOURCES_NAME} (known: {sorted(sources)}) and not a source file"
     )

@@ -27,11 +27,12 @@ from xvla.configio import ConfigError
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
+from xvla.model.checkpoint import read_sources
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train.config import AdaptConfig, LoraSettings
 from xvla.train.distributed import TransformedStream, make_accelerator
-from xvla.train.job import Job, check_mixture, load_mixture, merge_sources, read_sources
+from xvla.train.job import Job, check_mixture, load_mixture, merge_sources
 from xvla.train.optim import ALL_GROUPS, PROMPT_PHASE_GROUPS
 from xvla.train.trainer import run
 

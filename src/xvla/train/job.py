@@ -5,7 +5,6 @@ checkpoint, maybe LoRA-wrapped) from the same parts; `xvla.train.trainer.run` tr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from xvla import configio
 from xvla.config import XVLAConfig, get_preset
 from xvla.configio import ConfigError
 from xvla.data.sources import Mixture
+from xvla.model.checkpoint import read_sources
 from xvla.model.tokenizer import build_tokenizer, check_fits, load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.train.config import TrainConfig
@@ -106,17 +106,6 @@ def check_mixture(mixture: Mixture, model: XVLA) -> None:
                 f"mixture source {s.name!r}: domain_id {s.domain_id} is outside the model's {model.num_domains} "
                 "domains (use `xvla adapt` to add a domain, or model.overrides head.num_domains for a preset)"
             )
-
-
-def read_sources(folder: Path) -> dict[str, dict[str, Any]]:
-    """A checkpoint's `sources.json` as {name: Source dict} (a mixture dict or a list is accepted too)."""
-    path = folder / "sources.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and "sources" not in data:
-        return data
-    return {s.name: s.to_dict() for s in Mixture.from_dict(data).sources}
 
 
 def merge_sources(known: dict[str, dict[str, Any]], mixture: Mixture) -> dict[str, dict[str, Any]]:

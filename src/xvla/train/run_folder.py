@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from xvla.config import XVLAConfig
 from xvla.configio import save_config, to_dict
 from xvla.data.mixture import MixtureDataset
-from xvla.model.checkpoint import read_checkpoint
+from xvla.model.checkpoint import SOURCES_NAME, read_checkpoint
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing as ckpt
 from xvla.train.config import TrainConfig
@@ -117,7 +117,7 @@ def save_checkpoint(
                     ema.module if ema is not None else _exportable(job, accelerator, model, model_state)
                 ).save_pretrained(tmp)
             job.tokenizer.save_pretrained(str(tmp))
-            _write_json(tmp / "sources.json", job.sources)
+            _write_json(tmp / SOURCES_NAME, job.sources)
             torch.save(optim_state, tmp / ckpt.STATE / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / ckpt.STATE / "scheduler.pt")
             if ema is not None or job.export is not None:  # the servable weights are not the raw ones
