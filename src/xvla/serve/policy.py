@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xvla import devices
 from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.checkpoint import SOURCES_NAME, read_sources, resolve_folder
@@ -117,7 +118,7 @@ class Policy:
         `sources.json`, a path to a Source JSON/YAML file, or None (raw model protocol)."""
         folder = resolve_folder(path_or_hub_id, revision)
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = devices.resolve_device("auto")
         model = XVLA.from_pretrained(folder, device=device)
         sources = load_sources(folder)
         if isinstance(source, str):
