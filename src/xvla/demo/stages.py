@@ -310,27 +310,37 @@ def training_summary(folder: Path, checkpoint: Path) -> dict[str, Any]:
     }
 
 
-def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
-    """Train a fresh model with one domain per pre-training source (domain ids fixed by the suite)."""
+def train_fresh(
+    cfg: DemoConfig, rt: Runtime, mixture: Path, folder: Path, steps: int, lr: float, checkpoints: int = 1
+) -> tuple[Path, int]:
+    """Train a fresh `cfg.preset` model on `mixture` with one domain per source id; (checkpoint, num_domains)."""
     from xvla.data.sources import Mixture
-    from xvla.model.xvla import XVLA
-    from xvla.train import checkpointing as ckpt
     from xvla.train.trainer import train
 
-    num_domains = max(s.domain_id for s in Mixture.load(mixtures["pretrain"]).sources) + 1
-    folder = rt.out / "pretrain"
+    num_domains = max(s.domain_id for s in Mixture.load(mixture).sources) + 1
     tcfg = train_config(
         cfg,
         rt,
         output=folder,
-        mixture=mixtures["pretrain"],
-        steps=cfg.pretrain_steps,
-        lr=cfg.lr,
+        mixture=mixture,
+        steps=steps,
+        lr=lr,
         prompt_steps=0,
         model={"preset": cfg.preset, "overrides": model_config_overrides(cfg, num_domains)},
-        checkpoints=cfg.curve_points + 1,
+        checkpoints=checkpoints,
     )
-    checkpoint = train(tcfg)
+    return train(tcfg), num_domains
+
+
+def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
+    """Train a fresh model with one domain per pre-training source (domain ids fixed by the suite)."""
+    from xvla.model.xvla import XVLA
+    from xvla.train import checkpointing as ckpt
+
+    folder = rt.out / "pretrain"
+    checkpoint, num_domains = train_fresh(
+        cfg, rt, mixtures["pretrain"], folder, cfg.pretrain_steps, cfg.lr, checkpoints=cfg.curve_points + 1
+    )
     summary = training_summary(folder, checkpoint)
     summary["curve_checkpoints"] = [
         {"step": s, "samples": s * cfg.batch_size, "checkpoint": str(ckpt.checkpoint_path(folder, s))}
@@ -385,22 +395,9 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
 
 def train_scratch(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
     """Control without pre-training: a fresh model trained on the held-out data alone, same steps."""
-    from xvla.data.sources import Mixture
-    from xvla.train.trainer import train
-
-    (source,) = Mixture.load(mixtures["heldout"]).sources
     folder = rt.out / "scratch"
-    tcfg = train_config(
-        cfg,
-        rt,
-        output=folder,
-        mixture=mixtures["heldout"],
-        steps=cfg.adapt_steps,
-        lr=cfg.adapt_lr,
-        prompt_steps=0,
-        model={"preset": cfg.preset, "overrides": model_config_overrides(cfg, source.domain_id + 1)},
-    )
-    return training_summary(folder, train(tcfg))
+    checkpoint, _ = train_fresh(cfg, rt, mixtures["heldout"], folder, cfg.adapt_steps, cfg.adapt_lr)
+    return training_summary(folder, checkpoint)
 
 
 def save_untrained(cfg: DemoConfig, base: Path, num_domains: int, folder: Path) -> Path:
