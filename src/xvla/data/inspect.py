@@ -100,7 +100,7 @@ def inspect_dataset(
         try:
             row = {
                 key: np.asarray(ds.read_lowdim(ep, key, allow_nan=True), np.float64) for key in ds.lowdim_keys
-            }  # type: ignore[call-arg]
+            }
         except DatasetError as err:
             warnings.append(f"episode {ep} unreadable: {err}")
             continue
