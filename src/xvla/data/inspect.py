@@ -437,7 +437,17 @@ def print_reports(reports: list[SourceReport]) -> None:
             else "-"
         )
         duration = f"{r.duration_s:.1f} s" if r.duration_s < 120 else f"{r.duration_s / 3600:.2f} h"
-        row = (r.name, r.format, r.episodes, r.frames, duration, f"{r.fps:g}", cams, len(r.tasks), anchors)
+        row: tuple[object, ...] = (
+            r.name,
+            r.format,
+            r.episodes,
+            r.frames,
+            duration,
+            f"{r.fps:g}",
+            cams,
+            len(r.tasks),
+            anchors,
+        )
         if r.error:
             row = (r.name, r.format, "-", "-", "-", "-", "-", "-", "error")
         table.add_row(*map(str, row))
