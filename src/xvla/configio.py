@@ -76,17 +76,17 @@ def parse_overrides(items: Sequence[str], example: str = "optim.lr=3e-4") -> dic
 def set_dotted(cls: type, data: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `data` (a dict of `cls`) with `updates` set: keys dotted (`"head.depth"`) or values nested
     (`{"head": {"depth": 2}}`) for sections; a key that names no field of `cls` is an error."""
-    data = json.loads(json.dumps(data))
+    out: dict[str, Any] = json.loads(json.dumps(data))
     for key, value in _flatten(cls, updates).items():
         parts = key.split(".")
         _check_path(cls, parts)
-        node = data
+        node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
         node[parts[-1]] = value
-    return data
+    return out
 
 
 def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -177,10 +177,10 @@ def _unknown_key(name: str, key: str, known: list[str]) -> str:
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
-        return from_dict(hint, value, path=name)  # type: ignore[arg-type]
+        return from_dict(hint, value, path=name)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -86,8 +86,9 @@ class EpisodeDataset(Protocol):
 
     def episode_task(self, ep: int) -> str: ...
 
-    def read_lowdim(self, ep: int, key: str) -> np.ndarray:
-        """`[N, D]` float32 (float64 allowed) values of one low-dimensional feature for a whole episode."""
+    def read_lowdim(self, ep: int, key: str, *, allow_nan: bool = False) -> np.ndarray:
+        """`[N, D]` float32 (float64 allowed) values of one low-dimensional feature for a whole episode; a NaN
+        or infinity raises `DatasetError` unless `allow_nan` (`xvla data inspect` reports them instead)."""
         ...
 
     def read_timestamps(self, ep: int) -> np.ndarray:

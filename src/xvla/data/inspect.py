@@ -100,7 +100,7 @@ def inspect_dataset(
         try:
             row = {
                 key: np.asarray(ds.read_lowdim(ep, key, allow_nan=True), np.float64) for key in ds.lowdim_keys
-            }  # type: ignore[call-arg]
+            }
         except DatasetError as err:
             warnings.append(f"episode {ep} unreadable: {err}")
             continue
@@ -437,7 +437,17 @@ def print_reports(reports: list[SourceReport]) -> None:
             else "-"
         )
         duration = f"{r.duration_s:.1f} s" if r.duration_s < 120 else f"{r.duration_s / 3600:.2f} h"
-        row = (r.name, r.format, r.episodes, r.frames, duration, f"{r.fps:g}", cams, len(r.tasks), anchors)
+        row: tuple[object, ...] = (
+            r.name,
+            r.format,
+            r.episodes,
+            r.frames,
+            duration,
+            f"{r.fps:g}",
+            cams,
+            len(r.tasks),
+            anchors,
+        )
         if r.error:
             row = (r.name, r.format, "-", "-", "-", "-", "-", "-", "error")
         table.add_row(*map(str, row))

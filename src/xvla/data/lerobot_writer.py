@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -99,7 +99,8 @@ class _EpisodeVideo:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.container = av.open(str(path), mode="w")
-        self.stream = self.container.add_stream(encoder[0], rate=fps)
+        # every entry of VIDEO_ENCODERS is a video encoder; PyAV types a stream by the codec name's literal
+        self.stream = cast("av.VideoStream", self.container.add_stream(encoder[0], rate=fps))
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
         self.stream.options = dict(encoder[2])
         self.num_frames = 0
@@ -139,10 +140,12 @@ class _VideoFile:
             in_stream = src.streams.video[0]
             if self.stream is None:
                 self.stream = self.container.add_stream_from_template(in_stream, opaque=True)
+            assert in_stream.time_base is not None  # a demuxed stream has one
             offset = round(Fraction(first, self.fps) / in_stream.time_base)  # in the episode's time base
             for packet in src.demux(in_stream):
                 if packet.dts is None:  # the demuxer's end-of-stream marker
                     continue
+                assert packet.pts is not None  # mp4 packets carry both time stamps
                 packet.pts, packet.dts = packet.pts + offset, packet.dts + offset
                 packet.stream = self.stream
                 self.container.mux(packet)
@@ -257,6 +260,7 @@ class LeRobotV3Writer:
                 self._pngs[key].append(_png(img))
             else:
                 if key not in self._encoders:
+                    assert self.encoder is not None  # chosen in __init__ whenever there are video features
                     h, w, _ = self.features[key]["shape"]
                     path = self._tmp / "episode-videos" / f"{key}.mp4"
                     self._encoders[key] = _EpisodeVideo(path, self.fps, h, w, self.encoder)
@@ -273,8 +277,10 @@ class LeRobotV3Writer:
 
     def _reset_episode(self) -> None:
         self._rows, self._frame_tasks, self._encoders = [], [], {}
-        for buffers in (*self._pngs.values(), *self._thumbs.values()):
-            buffers.clear()
+        for pngs in self._pngs.values():
+            pngs.clear()
+        for thumbs in self._thumbs.values():
+            thumbs.clear()
 
     def save_episode(self) -> int:
         """Write the frames added since the last call as one episode; returns its episode index."""
@@ -412,7 +418,8 @@ class LeRobotV3Writer:
             return
         if self._data_writer is not None:
             self._data_writer.close()
-        for video in (*self._encoders.values(), *self._videos.values()):
+        videos: list[_EpisodeVideo | _VideoFile] = [*self._encoders.values(), *self._videos.values()]
+        for video in videos:
             with contextlib.suppress(Exception):  # already broken or closed: it is deleted anyway
                 video.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -434,6 +441,7 @@ class LeRobotV3Writer:
         for key, spec in self.features.items():
             features[key] = {"dtype": spec["dtype"], "shape": list(spec["shape"]), "names": spec.get("names")}
             if key in self.video_keys:
+                assert self.encoder is not None  # chosen in __init__ whenever there are video features
                 h, w, c = spec["shape"]
                 features[key]["info"] = {
                     "video.height": h,

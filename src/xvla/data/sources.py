@@ -468,7 +468,7 @@ def _field_value(hint: Any, value: Any, where: str) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _from_plain(hint, value, where)
     if typing.get_origin(hint) is tuple:
         item = args[0]

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from xvla import configio
 
 STAGES = ("generate", "oracle", "pretrain", "adapt", "evaluate", "report")
-ADAPT_MODES = ("full", "lora", "prompt")
+AdaptMode = Literal["full", "lora", "prompt"]  # as xvla.train.config.AdaptConfig.mode
+ADAPT_MODES: tuple[str, ...] = get_args(AdaptMode)
 DEFAULT_OUT = "demo_out"
 
 
@@ -66,7 +67,7 @@ class DemoConfig:
     # 1e-3 measured against 3e-4 in closed loop (docs/demo.md, item 8): Kinova3 adapted 16/40 vs 4/40 from the
     # same pre-trained checkpoint; 300 steps of fine-tuning at 3e-4 barely move the retrieved domain's prompt.
     adapt_lr: float = 1e-3
-    adapt_mode: str = "full"  # stage 2: "full", "lora" or "prompt"
+    adapt_mode: AdaptMode = "full"  # stage 2: "full", "lora" or "prompt"
     adapt_init: str = "retrieval"  # "retrieval" or the name of a pre-training source
     scratch_baseline: bool = True  # also train a fresh model on the held-out data only (adapt_steps steps)
     # -- evaluation (episodes per task)

@@ -190,7 +190,7 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
     if "soft_prompts" in plots:
         sp = results["soft_prompts"]
         cos = {n: d["cosine_to_heldout"] for n, d in sp["domains"].items() if n != held}
-        closest = max(cos, key=cos.get) if cos else None
+        closest = max(cos, key=lambda n: cos[n]) if cos else None
         lines += [
             "## Learned soft prompts",
             "",
@@ -276,10 +276,13 @@ def make_plots(results: Mapping[str, Any], folder: Path) -> dict[str, Path]:
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
         for name, points in curves.items():
-            x = [p["samples"] for p in points]
-            ax.plot(x, [100 * p["success_rate"] for p in points], marker="o", label=name)
+            samples = [p["samples"] for p in points]
+            ax.plot(samples, [100 * p["success_rate"] for p in points], marker="o", label=name)
             ax.fill_between(
-                x, [100 * p["ci95"][0] for p in points], [100 * p["ci95"][1] for p in points], alpha=0.12
+                samples,
+                [100 * p["ci95"][0] for p in points],
+                [100 * p["ci95"][1] for p in points],
+                alpha=0.12,
             )
         ax.set(
             ylim=(0, 100),
@@ -296,8 +299,10 @@ def make_plots(results: Mapping[str, Any], folder: Path) -> dict[str, Path]:
         colours = plt.get_cmap("tab10")
         for i, (name, d) in enumerate(sp["domains"].items()):
             star = name == held
+            px, py = d["point"]  # the domain's first two principal components
             ax.scatter(
-                *d["point"],
+                px,
+                py,
                 s=180 if star else 90,
                 marker="*" if star else "o",
                 color=colours(i % 10),

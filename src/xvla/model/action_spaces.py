@@ -14,7 +14,7 @@ Loss terms are returned per sample (`[B]`), each the mean over the sample's step
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -122,8 +122,9 @@ class EE6DActionSpace(ActionSpace):
         return _bce(_dims(pred, self.gripper_idx), _dims(target, self.gripper_idx))
 
     def loss_terms(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-        pos = sum(_mse(_dims(pred, i), _dims(target, i)) for i in self.xyz_idx)
-        rot = sum(_mse(_dims(pred, i), _dims(target, i)) for i in self.rot_idx)
+        # sum() starts from int 0; with at least one index group (every arm has one) the result is a Tensor.
+        pos = cast(Tensor, sum(_mse(_dims(pred, i), _dims(target, i)) for i in self.xyz_idx))
+        rot = cast(Tensor, sum(_mse(_dims(pred, i), _dims(target, i)) for i in self.rot_idx))
         return {
             "position_loss": pos * self.xyz_weight,
             "rotate6D_loss": rot * self.rot_weight,

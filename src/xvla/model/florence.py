@@ -8,6 +8,7 @@ Florence-2 weights map 1:1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from transformers.models.florence2.modeling_florence2 import (
 )
 
 from xvla.config import XVLAConfig
+
+if TYPE_CHECKING:
+    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
 
 
 @dataclass
@@ -107,9 +111,12 @@ class FlorenceEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         native = florence2_config(cfg)
-        self.vision_tower = Florence2VisionBackbone(native.vision_config)
+        # Florence2Config.__init__ turns its sub-config dicts into config objects (typed as `dict | config`)
+        vision_config = cast("Florence2VisionConfig", native.vision_config)
+        text_config = cast(BartConfig, native.text_config)
+        self.vision_tower = Florence2VisionBackbone(vision_config)
         self.multi_modal_projector = Florence2MultiModalProjector(native)
-        self.language_model = nn.ModuleDict({"encoder": BartEncoder(native.text_config)})
+        self.language_model = nn.ModuleDict({"encoder": BartEncoder(text_config)})
         self._init_projector()
 
     def _init_projector(self) -> None:

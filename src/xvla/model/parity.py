@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from xvla.model.checkpoint import load_state, read_checkpoint, resolve_folder
 from xvla.model.flow import stratified_t
@@ -79,7 +80,7 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
     for s, (conv, blocks) in enumerate(zip(tower.convs, tower.blocks, strict=True)):
         h = conv(h)
         out[f"davit_conv{s}_out"] = h.flatten(2).transpose(1, 2)
-        for block in blocks:
+        for block in cast(nn.ModuleList, blocks):  # each DaViT stage is a ModuleList of blocks
             h = block(h)
         out[f"davit_stage{s}_out"] = h.flatten(2).transpose(1, 2)
 
@@ -108,7 +109,9 @@ def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
         def net(x: Tensor, t: Tensor) -> Tensor:
             _, x_m = space.preprocess(proprio, x)
             pred = model.denoise(x_m, t, p_m, domain, enc)
-            rec["t"].append(t), rec["x"].append(x_m), rec["pred"].append(pred)
+            rec["t"].append(t)
+            rec["x"].append(x_m)
+            rec["pred"].append(pred)
             return pred
 
         out["gen_actions"] = model.objective.finish(

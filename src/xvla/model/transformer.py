@@ -7,6 +7,7 @@ so their weights load without renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,8 @@ class SoftPromptedTransformer(nn.Module):
     Output: [B, T, A].
     """
 
+    time_freqs: Tensor  # a non-persistent buffer, registered in __init__
+
     def __init__(self, cfg: HeadConfig, vlm_dim: int, action_dim: int, proprio_dim: int) -> None:
         super().__init__()
         h = cfg.hidden_size
@@ -182,9 +185,9 @@ class SoftPromptedTransformer(nn.Module):
     def num_domains(self) -> int:
         return self.action_encoder.num_domains
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SoftPromptedTransformer:
         # Keep the time frequencies in float32 through dtype casts (`model.to(torch.bfloat16)`), as released.
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped_calls_exclude misses super()
         self.time_freqs = time_frequencies(self.cfg.dim_time).to(self.time_freqs.device)
         return self
 

@@ -256,7 +256,7 @@ class XVLA(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Disjoint groups covering every parameter: vlm, transformer (core), soft_prompts, action_heads."""
         tr = self.transformer
-        soft = [tr.soft_prompt_hub.weight] if tr.soft_prompt_hub is not None else []
+        soft = list(tr.soft_prompt_hub.parameters()) if tr.soft_prompt_hub is not None else []  # its weight
         heads = list(tr.action_encoder.parameters()) + list(tr.action_decoder.parameters())
         special = {id(p) for p in soft + heads}
         core = [p for p in tr.parameters() if id(p) not in special]

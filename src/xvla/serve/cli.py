@@ -9,6 +9,10 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the policy imports torch, which the CLI loads only when a command needs it
+    from xvla.serve.policy import Policy
 
 API_KEY_ENV = "XVLA_API_KEY"  # the key without putting it on the command line
 # Loading errors whose message names the file or field (a missing folder, corrupt weights, a bad source);
@@ -102,7 +106,7 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _policy(args: argparse.Namespace, source: str | None):
+def _policy(args: argparse.Namespace, source: str | None) -> Policy:
     import torch
 
     from xvla.serve.policy import Policy

@@ -69,7 +69,9 @@ class Connection(ServerConnection):
             self._read(self._reader, data)
         # else the request is complete and reading paused until its reply
 
-    def eof_received(self) -> bool | None:
+    # asyncio.Protocol.eof_received returns bool | None (True keeps the transport open for the reply);
+    # websockets narrows its own override to None, which does not bind this subclass.
+    def eof_received(self) -> bool | None:  # type: ignore[override]
         if self._reader is not None:
             self._finish(
                 http.text(HTTPStatus.BAD_REQUEST, "malformed HTTP request: it ends before it is complete")

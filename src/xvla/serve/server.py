@@ -52,8 +52,10 @@ logger = logging.getLogger(__name__)
 class ServablePolicy(Protocol):
     """What the server needs from a policy (`xvla.serve.policy.Policy` implements it)."""
 
-    metadata: dict[str, Any]
     codec: Codec  # the format of WebSocket requests
+
+    @property
+    def metadata(self) -> dict[str, Any]: ...  # read only (Policy computes it)
 
     def prepare(
         self, obs: Mapping[str, Any], *, codec: Codec
@@ -266,7 +268,8 @@ class PolicyServer:
                 self._handle_ws,
                 cfg.host,
                 cfg.port,
-                create_connection=functools.partial(
+                # typed as a ServerConnection class, documented (and used) as a factory that is only called
+                create_connection=functools.partial(  # type: ignore[arg-type]
                     Connection, app=self, limits=self.limits, max_body=cfg.max_message_bytes
                 ),
                 compression=None,  # images do not deflate; save the CPU

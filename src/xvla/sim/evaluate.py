@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -124,8 +124,12 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
         encoder, _, options = available_video_encoder()
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(
-            encoder, rate=max(1, round(fps)), options={k: v for k, v in options.items() if k != "g"}
+        # a video encoder of VIDEO_ENCODERS; PyAV types a stream by the codec name's literal
+        stream = cast(
+            "av.VideoStream",
+            container.add_stream(
+                encoder, rate=max(1, round(fps)), options={k: v for k, v in options.items() if k != "g"}
+            ),
         )
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
@@ -222,7 +226,7 @@ def evaluate(
                 outcome = run_episode(env, policy, task, eval_seed(seed, i), execute=execute, video=frames)
                 outcome["seed"] = eval_seed(seed, i)
                 per_task[task].append(outcome)
-                if frames:
+                if frames and video_dir is not None:  # frames is None without video_dir
                     write_video(Path(video_dir) / source / f"{task}-{i:03d}.mp4", frames, spec.fps)
                 bar.update(1)
                 done = [o["success"] for outs in per_task.values() for o in outs]

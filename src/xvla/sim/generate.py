@@ -71,7 +71,8 @@ def rollout_expert(env: Any, task: str, seed: int, render: bool = True) -> Episo
     tail the last second of the task would be time-compressed in the training targets."""
     start = time.perf_counter()
     obs = env.reset(seed, task)
-    states, actions, frames = [], [], {c: [] for c in env.spec.cameras}
+    states, actions = [], []
+    frames: dict[str, list[np.ndarray]] = {c: [] for c in env.spec.cameras}
     tail = round(env.spec.horizon_s * env.spec.fps)
     success, remaining = False, env.max_steps
     while remaining > 0:

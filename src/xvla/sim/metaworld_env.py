@@ -63,7 +63,9 @@ class MetaWorldSource(SimSource):
             from metaworld import policies
             from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
-            env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-v3-goal-observable"](seed=0)
+            # typed as SawyerXYZEnv classes; the goal-observable ones are built at import and take a seed
+            make: Any = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-v3-goal-observable"]
+            env = make(seed=0)
             # Unfreeze the random vector so every reset draws object and goal positions from env.np_random.
             env._freeze_rand_vec = False
             env.seeded_rand_vec = True

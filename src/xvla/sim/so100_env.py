@@ -129,7 +129,7 @@ class SO100Source(SimSource):
         for arm in range(2):
             data.mocap_pos[arm] = action[arm, :3]
             quat = action[arm, 3:7]
-            data.mocap_quat[arm] = quat / max(np.linalg.norm(quat), 1e-9)
+            data.mocap_quat[arm] = quat / max(float(np.linalg.norm(quat)), 1e-9)
         self._gripper = np.clip(action[:, 7], 0.0, 1.0)
         data.ctrl[:] = [unnormalize_puppet_gripper_joint(g) for g in self._gripper]
         mujoco.mj_step(self.model, data, nstep=self._substeps)

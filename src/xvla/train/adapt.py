@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +36,9 @@ from xvla.train.distributed import TransformedStream, make_accelerator
 from xvla.train.job import Job, check_mixture, load_mixture, merge_sources
 from xvla.train.optim import ALL_GROUPS, PROMPT_PHASE_GROUPS
 from xvla.train.trainer import run
+
+if TYPE_CHECKING:  # peft is imported where LoRA is used
+    from peft import PeftModel
 
 ADAPTER_HEADS = "domain_heads.safetensors"  # prompts + per-domain heads of an adapter-only checkpoint
 ADAPTER_META = "adapter_base.json"  # in an adapter checkpoint: its base checkpoint and domains added
@@ -106,6 +110,7 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
     sources = merge_sources(known, mixture)
     groups = model.parameter_groups()
     notes = {"base": str(base), "mode": cfg.mode, "init": cfg.init, "new_domains": report}
+    export: Callable[[dict[str, Tensor], Path], None] | None
     if cfg.mode == "lora":
         trained: nn.Module = wrap_lora(model, cfg.lora)
         groups = lora_groups(groups, trained)
@@ -185,7 +190,7 @@ def lora_targets(model: XVLA, settings: LoraSettings) -> list[str] | str:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def wrap_lora(model: XVLA, settings: LoraSettings) -> nn.Module:
+def wrap_lora(model: XVLA, settings: LoraSettings) -> PeftModel:
     """peft LoRA on `model` (base weights frozen by peft; prompts and heads are trained by their groups)."""
     from peft import LoraConfig, get_peft_model
 
@@ -220,7 +225,7 @@ def save_lora(
         skeleton.merge_and_unload().save_pretrained(folder)
         return
     skeleton.save_pretrained(str(folder))  # adapter_config.json + adapter_model.safetensors (LoRA only)
-    inner: XVLA = skeleton.get_base_model()
+    inner = cast(XVLA, skeleton.get_base_model())  # the model wrap_lora was given
     groups = inner.parameter_groups()
     names = {id(p): n for n, p in inner.named_parameters()}
     heads = {names[id(p)]: p.detach().contiguous() for g in PROMPT_PHASE_GROUPS for p in groups[g]}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -106,16 +106,20 @@ def save_checkpoint(
     # Gathered to CPU (rank 0 only) from accelerators; on CPU "offloading" would return views of FSDP's
     # flat parameters that are freed when it reshards.
     options = StateDictOptions(full_state_dict=True, cpu_offload=accelerator.device.type != "cpu")
-    model_state = get_model_state_dict(model, options=options)  # collective under FSDP
+    # collective under FSDP; full_state_dict gathers plain tensors
+    model_state = cast(dict[str, Tensor], get_model_state_dict(model, options=options))
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     with ckpt.atomic_checkpoint(accelerator, folder) as tmp:
         if accelerator.is_main_process:
             if job.export is not None:
                 job.export(ema.module.state_dict() if ema is not None else model_state, tmp)
-            else:
-                (
-                    ema.module if ema is not None else _exportable(job, accelerator, model, model_state)
-                ).save_pretrained(tmp)
+            else:  # without an export hook the trained model is an XVLA (and so is its EMA copy)
+                servable = (
+                    cast(XVLA, ema.module)
+                    if ema is not None
+                    else _exportable(job, accelerator, model, model_state)
+                )
+                servable.save_pretrained(tmp)
             job.tokenizer.save_pretrained(str(tmp))
             _write_json(tmp / SOURCES_NAME, job.sources)
             torch.save(optim_state, tmp / ckpt.STATE / "optimizer.pt")
@@ -132,9 +136,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def _exportable(
-    job: Job, accelerator: Accelerator, model: nn.Module, model_state: dict[str, Tensor]
-) -> nn.Module:
+def _exportable(job: Job, accelerator: Accelerator, model: nn.Module, model_state: dict[str, Tensor]) -> XVLA:
     """The module to export. Under FSDP the full weights exist only in `model_state`: load them into a copy."""
     if not is_fsdp(accelerator):
         return accelerator.unwrap_model(model)

@@ -77,7 +77,12 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     ema = _make_ema(cfg, accelerator.unwrap_model(model))
 
     dataset, loader = make_loader(job, cfg, accelerator, mixture=job.mixture, split="train")
-    state = {"step": 0, "samples": 0, "history": run_folder.new_history(job), "validation": []}
+    state: dict[str, Any] = {
+        "step": 0,
+        "samples": 0,
+        "history": run_folder.new_history(job),
+        "validation": [],
+    }
     if start is not None:
         state = run_folder.load_checkpoint(start, accelerator, model, optimizer, scheduler, dataset, ema)
         run_folder.drop_untrained_state(optimizer, run_folder.trained_groups(job, cfg, state["step"]))
