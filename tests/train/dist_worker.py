@@ -1,7 +1,9 @@
 """Run under `torchrun --nproc_per_node 2`: train from a config file, then write what each rank ended with.
 
-Usage: dist_worker.py CONFIG.json RESULT_DIR [--resume] [--stop-at STEP]
-Writes RESULT_DIR/rank_<i>.json: the distributed type, process count and a digest of the rank's weights.
+Usage: dist_worker.py CONFIG.json RESULT_DIR [--resume] [--stop-at STEP] [--fail-rank-state RANK:STEP]
+Writes RESULT_DIR/rank_<i>.json: the distributed type, process count and a digest of the rank's weights. With
+--fail-rank-state, rank RANK's write of its rank state at checkpoint STEP raises an I/O error; a rank that ends
+with `CheckpointWriteError` writes its message to RESULT_DIR/error_<i>.txt and exits 2, as `xvla train` does.
 
 FSDP on CPU: accelerate enables FSDP only on accelerators, but torch's FSDP itself runs on CPU over gloo. With
 `fsdp: true` this worker builds the trainer's own plugin and switches accelerate's state to FSDP on the CPU,
@@ -15,8 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
+import sys
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("result_dir")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-at", type=int)
+    parser.add_argument("--fail-rank-state")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(TrainConfig, args.config)
@@ -73,10 +79,24 @@ def main() -> None:
                 raise Stopped
 
         run_folder.save_checkpoint = save_then_stop
+    if args.fail_rank_state is not None:
+        fail_rank, fail_step = map(int, args.fail_rank_state.split(":"))
+        save_rank_state = checkpointing.save_rank_state
+
+        def failing_save(folder: Path, rank: int, state: dict[str, Any]) -> None:
+            if rank == fail_rank and folder.name.endswith(f"step_{fail_step:08d}"):
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            save_rank_state(folder, rank, state)
+
+        checkpointing.save_rank_state = failing_save
     set_seed(cfg.seed)
     job = build_job(cfg)
-    with contextlib.suppress(Stopped):
-        trainer.run(cfg, job, accelerator, resume=args.resume)
+    try:
+        with contextlib.suppress(Stopped):
+            trainer.run(cfg, job, accelerator, resume=args.resume)
+    except checkpointing.CheckpointWriteError as err:
+        (Path(args.result_dir) / f"error_{accelerator.process_index}.txt").write_text(str(err))
+        sys.exit(2)
     flat = torch.cat(
         [p.detach().flatten().double() for p in job.model.parameters()]
     )  # FSDP: this rank's shard

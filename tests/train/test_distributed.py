@@ -33,8 +33,11 @@ STEPS = (
 )
 
 
-def launch(tmp_path: Path, name: str, overrides: tuple[str, ...], datasets, *args: str) -> dict:
-    """torchrun 2 processes of dist_worker.py on a config written once per `name`; returns what they wrote."""
+def launch(
+    tmp_path: Path, name: str, overrides: tuple[str, ...], datasets, *args: str, fails: bool = False
+) -> dict:
+    """torchrun 2 processes of dist_worker.py on a config written once per `name`; returns what they wrote
+    (`fails`: the run must fail, every rank with a checkpoint write error: their messages)."""
     config = tmp_path / f"{name}.json"
     if not config.exists():
         save_config(make_config(tmp_path / name, mixture(datasets), STEPS + overrides), config)
@@ -47,6 +50,9 @@ def launch(tmp_path: Path, name: str, overrides: tuple[str, ...], datasets, *arg
     proc = subprocess.run(
         [*cmd, str(config), str(results), *args], env=env, capture_output=True, text=True, timeout=300
     )
+    if fails:
+        assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {"errors": [(results / f"error_{i}.txt").read_text() for i in range(2)], "stderr": proc.stderr}
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {
         "ranks": [json.loads((results / f"rank_{i}.json").read_text()) for i in range(2)],
@@ -124,3 +130,27 @@ def test_fsdp_resume_continues_exactly(tmp_path, datasets):
     assert val_a == val_b
     for name, value in weights_a.items():
         assert torch.equal(value, weights_b[name]), name
+
+
+def test_one_rank_failing_a_checkpoint_write(tmp_path, datasets, ddp):
+    """Rank 1 cannot write its rank state at step 8: both ranks stop with an error naming the step and rank 1,
+    no step-8 folder (final or temporary) is left, and --resume continues from step 4 exactly as the
+    uninterrupted run."""
+    failed = launch(tmp_path, "ddp", (), datasets, "--fail-rank-state", "1:8", fails=True)
+    checkpoints = tmp_path / "ddp" / "checkpoints"
+    last = f"last complete checkpoint 4 ({checkpoint_path(tmp_path / 'ddp', 4)})"
+    assert failed["errors"] == [
+        f"rank 1 failed writing checkpoint 8 to {checkpoints}; {last}",
+        f"writing checkpoint 8 to {checkpoints} failed on rank 1 ([Errno 5] Input/output error (injected)); {last}",
+    ]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004"]
+    resumed = launch(tmp_path, "ddp", (), datasets, "--resume")
+    assert "resumed from" in resumed["stdout"] and "step_00000004" in resumed["stdout"]
+    assert resumed["ranks"] == ddp["ranks"]  # the same weights on both ranks as the uninterrupted run
+    for key in ("step", "loss", "per_source"):
+        assert resumed["history"][key] == ddp["history"][key], key  # bit-identical
+    validation, weights = finished(tmp_path, "ddp")
+    assert validation == ddp["validation"]
+    assert weights.keys() == ddp["weights"].keys()
+    for name, value in weights.items():
+        assert torch.equal(value, ddp["weights"][name]), name

@@ -74,10 +74,13 @@ def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
     stays behind and is cleared by the next save and on resume.
     """
     tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
+    ranks = _rank_folder(tmp)
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in (tmp, ranks):
+            if stale.exists():
+                shutil.rmtree(stale)
         (tmp / STATE).mkdir(parents=True)
+        ranks.mkdir()
     accelerator.wait_for_everyone()
     failure: BaseException | None = None
     try:
@@ -86,12 +89,16 @@ def atomic_checkpoint(accelerator: Accelerator, final: Path) -> Iterator[Path]:
         if not _is_failed_write(err):
             raise
         failure = err
-    # Every rank learns whether one failed, so none waits forever for a rank that stopped.
-    failed = accelerator.reduce(torch.tensor([float(failure is not None)], device=accelerator.device), "sum")
-    if bool(failed.item()):
-        raise _write_error(accelerator, final, tmp, failure) from failure
+    # Every rank learns which ranks failed, so none waits forever for a rank that stopped, and each error names them.
+    flags = accelerator.gather(torch.tensor([float(failure is not None)], device=accelerator.device))
+    failed = [rank for rank, flag in enumerate(flags.flatten().tolist()) if flag]
+    if failed:
+        raise _write_error(accelerator, final, tmp, failure, failed) from failure
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for saved in ranks.iterdir():
+            os.replace(saved, tmp / STATE / saved.name)
+        ranks.rmdir()
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. the final step after a resume): swap, then delete
             old = final.parent / f"{_TMP_PREFIX}old-{final.name}"
@@ -112,9 +119,10 @@ def _is_failed_write(err: BaseException) -> bool:
 
 
 def _write_error(
-    accelerator: Accelerator, final: Path, tmp: Path, failure: BaseException | None
+    accelerator: Accelerator, final: Path, tmp: Path, failure: BaseException | None, failed: list[int]
 ) -> CheckpointWriteError:
-    """Remove the partial folder and build the one-line error (every rank raises one)."""
+    """Remove the partial folder and build the one-line error (every rank raises one). With several processes
+    it names the ranks whose write failed (`failed`)."""
     disk_full = failure is not None and (
         getattr(failure, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         or "No space left on device" in str(failure)
@@ -123,6 +131,7 @@ def _write_error(
     accelerator.wait_for_everyone()  # no rank is still writing into tmp
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(_rank_folder(tmp), ignore_errors=True)
     accelerator.wait_for_everyone()
     step, folder = checkpoint_step(final), final.parent
     latest = latest_checkpoint(folder.parent)
@@ -131,12 +140,16 @@ def _write_error(
         if latest
         else "no complete checkpoint"
     )
+    ranks = "rank" + ("s " if len(failed) > 1 else " ") + ", ".join(map(str, failed))
+    where = f" on {ranks}" if accelerator.num_processes > 1 else ""
     if failure is None:
-        return CheckpointWriteError(f"another process failed writing checkpoint {step} to {folder}; {last}")
+        return CheckpointWriteError(f"{ranks} failed writing checkpoint {step} to {folder}; {last}")
     if disk_full:
-        return CheckpointWriteError(f"no space left while writing checkpoint {step} to {folder}; {last}")
+        return CheckpointWriteError(
+            f"no space left while writing checkpoint {step} to {folder}{where}; {last}"
+        )
     detail = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-    return CheckpointWriteError(f"writing checkpoint {step} to {folder} failed ({detail}); {last}")
+    return CheckpointWriteError(f"writing checkpoint {step} to {folder} failed{where} ({detail}); {last}")
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
@@ -195,8 +208,20 @@ def load_file(path: Path, map_location: str | torch.device | None = None) -> Any
         ) from None
 
 
+def _rank_folder(tmp: Path) -> Path:
+    """Where the ranks write their state during `atomic_checkpoint(..., tmp)`: beside `tmp`, never inside it. The
+    main process's writers may replace the folder they write into (`save_pretrained` copies what is in it into a
+    fresh temporary folder and swaps the two), so a rank file written into `tmp` meanwhile was lost: the
+    checkpoint was renamed complete without it and `--resume` refused it (found by
+    tests/train/test_distributed.py::test_one_rank_failing_a_checkpoint_write). The files move into
+    `tmp/training_state` once every rank is done."""
+    return tmp.parent / f"{tmp.name}.ranks"
+
+
 def save_rank_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
-    torch.save(state, folder / STATE / f"rank_{rank}.pt")
+    """This rank's state into `folder` (inside `atomic_checkpoint`: into the rank folder beside it)."""
+    ranks = _rank_folder(folder)
+    torch.save(state, (ranks if ranks.is_dir() else folder / STATE) / f"rank_{rank}.pt")
 
 
 def load_rank_state(checkpoint: Path, rank: int, world_size: int) -> dict[str, Any]:
