@@ -222,3 +222,41 @@ def test_slow_and_vanishing_clients_under_load(raw_policy: Policy, caplog: pytes
         assert server.server._batcher is not None and server.server._batcher.pending == 0
     internal = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not internal, [r.getMessage() for r in internal]
+
+
+def test_a_message_websockets_is_still_reading_counts_against_the_buffered_cap(raw_policy: Policy) -> None:
+    """A frame counts in `max_buffered_mb` from its header, before websockets has read (and buffered) its payload:
+    clients trickling large messages cannot hold connections x max_message_mb beyond the cap. Over the cap the
+    next message is refused with close code 1013 before its payload is read; the bytes return when clients leave."""
+    size = 700_000  # ~0.7 of the cap
+    config = ServerConfig(port=0, max_message_mb=1.0, max_buffered_mb=1.0)
+    with ServerThread(raw_policy, config) as server:
+        port, limits = server.port, server.server.limits
+        frame = _ws_frame(os.urandom(size))
+        with _connect(port) as slow, _connect(port) as second:
+            for sock in (slow, second):
+                sock.sendall(WS_HANDSHAKE)
+                assert _read_http_head(sock).startswith(b"HTTP/1.1 101")
+                assert _read_ws_frame(sock)[0] == 2  # the metadata
+            slow.sendall(
+                frame[:1000]
+            )  # the header and a little of the payload: websockets is still reading it
+            _until(lambda: limits.buffered == size, "the message being read is counted")
+            second.sendall(frame)
+            opcode, payload = _read_ws_frame(second)
+            assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1013, payload
+            assert b"(max_buffered_mb); retry later" in payload
+            assert limits.buffered == size
+        _until(lambda: limits.connections == 0, "every connection released")
+        assert limits.buffered == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000, 10**6])
+def test_frame_lengths_follow_headers_split_anywhere(chunk: int) -> None:
+    from xvla.serve.connection import FrameLengths
+
+    payloads = [b"x" * 5, b"y" * 300, b"z" * 70_000, b""]
+    stream = b"".join(_ws_frame(p) for p in payloads) + _ws_frame(b"ping", opcode=9) + _ws_frame(b"w" * 7)
+    counter = FrameLengths()
+    seen = [n for i in range(0, len(stream), chunk) for n in counter.feed(stream[i : i + chunk])]
+    assert seen == [5, 300, 70_000, 0, 7]  # the ping (a control frame) is not a message

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
+from websockets.frames import CloseCode
 from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -49,6 +50,10 @@ class Connection(ServerConnection):
         # discards whatever the client still sends
         self._passthrough = False
         self._held = b""  # bytes that came after the handshake request, parsed once the handshake is done
+        self._frames: FrameLengths | None = (
+            None  # once the WebSocket is open: counts its frames as they arrive
+        )
+        self.ws_reserved = 0  # bytes of this WebSocket's messages counted in `limits` and not yet released
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -58,12 +63,14 @@ class Connection(ServerConnection):
         super().connection_lost(exc)
         if self._task is not None:
             self._task.cancel()  # the client left (or open_timeout passed): nobody reads the reply
-        self.limits.release(self.reserved)
-        self.reserved = 0
+        self.limits.release(self.reserved + self.ws_reserved)
+        self.reserved = self.ws_reserved = 0
         self.limits.closed()
 
     def data_received(self, data: bytes) -> None:
-        if self._passthrough:
+        if self._frames is not None:
+            self._feed_frames(self._frames, data)
+        elif self._passthrough:
             super().data_received(data)
         elif self._reader is not None:
             self._read(self._reader, data)
@@ -86,9 +93,31 @@ class Connection(ServerConnection):
             # Parsed before the 101, bad framing would close the connection while the handshake is pending (and
             # answering it would then fail inside websockets); now frames that came early are parsed at once.
             self.transport.resume_reading()
+            self._frames = FrameLengths()
             held, self._held = self._held, b""
             if held:
-                super().data_received(held)
+                self._feed_frames(self._frames, held)
+
+    def release_message(self, n: int) -> None:
+        """The handler is done with a message of `n` bytes (counted when its frames' headers arrived)."""
+        n = min(n, self.ws_reserved)
+        self.ws_reserved -= n
+        self.limits.release(n)
+
+    def _feed_frames(self, frames: FrameLengths, data: bytes) -> None:
+        """Count each data frame's payload in `limits` as soon as its header arrives, before websockets buffers
+        it: a message websockets is still reading or has queued is held memory too. A frame over the cap closes
+        the connection with 1013 before its payload is read; one over max_size is websockets' to refuse (1009)."""
+        for n in frames.feed(data):
+            if n > self.max_body:
+                continue
+            if not self.limits.reserve(n):
+                self._frames = None
+                self.protocol.fail(CloseCode.TRY_AGAIN_LATER, self.limits.busy_bytes(n)[:120])
+                self.send_data()
+                return
+            self.ws_reserved += n
+        super().data_received(data)
 
     def _read(self, reader: http.HeadReader, data: bytes) -> None:
         try:
@@ -157,3 +186,47 @@ class Connection(ServerConnection):
         self._passthrough = True
         self.send_data()
         self.transport.resume_reading()
+
+
+class FrameLengths:
+    """Follows the frame headers of a client's WebSocket byte stream (RFC 6455 5.2): `feed` returns the payload
+    lengths of the data frames (text, binary, continuation) whose headers complete in the bytes fed."""
+
+    def __init__(self) -> None:
+        self._head = bytearray()  # a header being read
+        self._skip = 0  # payload bytes of the current frame still to pass
+
+    def feed(self, data: bytes) -> list[int]:
+        lengths: list[int] = []
+        i = 0
+        while i < len(data):
+            if self._skip:
+                step = min(self._skip, len(data) - i)
+                self._skip -= step
+                i += step
+                continue
+            self._head.append(data[i])
+            i += 1
+            size = _header_size(self._head)
+            if size is None or len(self._head) < size:
+                continue
+            opcode, n = self._head[0] & 0x0F, self._head[1] & 0x7F
+            if n == 126:
+                n = int.from_bytes(self._head[2:4], "big")
+            elif n == 127:
+                n = int.from_bytes(self._head[2:10], "big")
+            self._head.clear()
+            self._skip = n
+            if opcode < 8:
+                lengths.append(n)
+        return lengths
+
+
+def _header_size(head: bytearray) -> int | None:
+    """A frame header's size once its first two bytes are known (None before)."""
+    if len(head) < 2:
+        return None
+    n = head[1] & 0x7F
+    extended = 2 if n == 126 else 8 if n == 127 else 0
+    mask = 4 if head[1] & 0x80 else 0
+    return 2 + extended + mask

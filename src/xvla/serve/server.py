@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
 from websockets.http11 import Response
 
 from xvla.serve import http
@@ -349,9 +348,8 @@ class PolicyServer:
         try:
             await conn.send(self._metadata)
             async for message in conn:
-                if not self.limits.reserve(len(message)):
-                    await conn.close(CloseCode.TRY_AGAIN_LATER, self.limits.busy_bytes(len(message))[:120])
-                    return
+                # counted in `limits` by the connection as its frames arrived (`Connection._feed_frames`)
+                size = len(message) if isinstance(message, bytes) else len(message.encode())
                 try:
                     if isinstance(message, str):
                         raise RequestError("expected a binary msgpack message, got a text frame")
@@ -364,7 +362,8 @@ class PolicyServer:
                     await conn.send(f"server error: {type(err).__name__}: {err}")
                     continue
                 finally:
-                    self.limits.release(len(message))
+                    if isinstance(conn, Connection):
+                        conn.release_message(size)
                 await conn.send(reply)
         except ConnectionClosed:
             pass
