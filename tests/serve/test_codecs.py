@@ -94,3 +94,151 @@ def test_an_override_proprio_replaces_the_requests(codec: Codec, policy: Policy)
     prepared = codec.decode(policy, obs, override)
     assert prepared.proprio is override
     assert prepared.inputs["proprio"].numpy().tolist() == [0.25] * 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# /act: every request form the authors' server accepts (issue 15, item 1)
+
+
+def _authors_fields(obs: dict) -> dict:
+    """A request the way the authors' clients build it: each array a `json_numpy.dumps` string."""
+    return {k: json_numpy.dumps(v) if isinstance(v, np.ndarray) else v for k, v in obs.items()}
+
+
+def _encoded(image: np.ndarray, fmt: str) -> np.ndarray:
+    """`image` as an encoded file in a 1-D uint8 array (what `cv2.imencode` gives the authors' clients)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format=fmt, quality=95) if fmt == "JPEG" else Image.fromarray(
+        image
+    ).save(out, format=fmt)
+    return np.frombuffer(out.getvalue(), dtype=np.uint8)
+
+
+def _two_colour_image() -> np.ndarray:
+    """Left half pure red, right half pure blue: RGB and BGR differ, and so do the two halves."""
+    image = np.zeros((32, 48, 3), dtype=np.uint8)
+    image[:, :24, 0] = 255
+    image[:, 24:, 2] = 255
+    return image
+
+
+def test_act_per_field_json_numpy_strings(raw_policy: Policy) -> None:
+    """The authors' clients: `{"image0": json_numpy.dumps(img), ...}` in a plain JSON body."""
+    obs = raw_obs(np.random.default_rng(4))
+    body = json.dumps({**_authors_fields(obs), "steps": 3}).encode()
+    prepared = ACT.decode(raw_policy, ACT.loads(body))
+    _same_inputs(prepared.inputs, RAW.decode(raw_policy, obs).inputs)
+    assert prepared.steps == 3 and prepared.codec is ACT
+    # proprio as json_numpy.dumps(list), domain_id and steps as json-numpy scalars, fields mixed with a whole
+    # json-numpy body: all decode to the same request
+    mixed = {
+        **_authors_fields(obs),
+        "image1": obs["image1"],
+        "proprio": json_numpy.dumps(obs["proprio"].tolist()),
+        "domain_id": json_numpy.dumps(np.int64(2)),
+        "steps": json_numpy.dumps(3),
+    }
+    again = ACT.decode(raw_policy, ACT.loads(json_numpy.dumps(mixed).encode()))
+    torch.testing.assert_close(again.inputs, prepared.inputs, rtol=0, atol=1e-7)
+    assert again.steps == 3
+
+
+def test_act_optional_fields(raw_policy: Policy) -> None:
+    """image1, image2 and steps may be left out, as on the authors' server."""
+    obs = raw_obs(np.random.default_rng(5))
+    del obs["image1"]
+    prepared = ACT.decode(raw_policy, ACT.loads(json.dumps(_authors_fields(obs)).encode()))
+    _same_inputs(prepared.inputs, RAW.decode(raw_policy, obs).inputs)
+    assert prepared.steps == raw_policy.config.steps
+    three = {**obs, "image1": obs["image0"], "image2": obs["image0"][:16]}
+    assert ACT.decode(raw_policy, ACT.loads(json.dumps(_authors_fields(three)).encode())).steps == 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_act_encoded_images_decode_to_rgb(raw_policy: Policy, fmt: str) -> None:
+    """A 1-D uint8 image0/image1 is an encoded file, decoded in RGB (the authors' server would give BGR)."""
+    image = _two_colour_image()
+    obs = {
+        **raw_obs(np.random.default_rng(6)),
+        "image0": _encoded(image, fmt),
+        "image1": _encoded(image, fmt),
+    }
+    fields = ACT.loads(json.dumps(_authors_fields(obs)).encode())
+    for key in ("image0", "image1"):
+        decoded = fields[key]
+        assert decoded.shape == (32, 48, 3) and decoded.dtype == np.uint8
+        if fmt == "PNG":
+            np.testing.assert_array_equal(decoded, image)
+        else:  # lossy, but red stays left and blue right
+            assert decoded[:, :20, 0].mean() > 200 and decoded[:, :20, 2].mean() < 50
+            assert decoded[:, 28:, 2].mean() > 200 and decoded[:, 28:, 0].mean() < 50
+    raw = {**obs, "image0": fields["image0"], "image1": fields["image1"]}
+    _same_inputs(ACT.decode(raw_policy, fields).inputs, RAW.decode(raw_policy, raw).inputs)
+    # grey and RGBA PNGs become RGB as cv2.IMREAD_COLOR does
+    grey = _encoded(image[..., 0], "PNG")
+    assert ACT.loads(json.dumps({"image0": json_numpy.dumps(grey)}).encode())["image0"].shape == (32, 48, 3)
+
+
+def _noise_image() -> np.ndarray:
+    return np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def _array_object(data: bytes, dtype: str, shape: list[int]) -> dict:
+    import base64
+
+    return {"__numpy__": base64.b64encode(data).decode(), "dtype": dtype, "shape": shape}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image0", json_numpy.dumps("/etc/passwd"), "image0: expected an image .* file paths on the server"),
+        ("image0", "{not json", "image0: a string here must be json_numpy.dumps"),
+        ("image0", json_numpy.dumps(np.arange(64, dtype=np.uint8)), "image0: .* not a JPEG or PNG"),
+        ("image1", json_numpy.dumps(_encoded(_noise_image(), "PNG")[:600]), "image1: corrupt encoded image"),
+        ("image0", json.dumps(_array_object(b"\0" * 8, "|O", [1])), "image0: .*'|O' is not a plain numeric"),
+        ("image0", json.dumps(_array_object(b"\0" * 8, "<f4", [4])), "image0: .*needs 16 bytes, got 8"),
+        (
+            "image0",
+            json.dumps({"__numpy__": "@@", "dtype": "|u1", "shape": [1]}),
+            "image0: .*not valid base64",
+        ),
+        ("proprio", json_numpy.dumps(np.zeros(3)), r"proprio: expected shape \[20\]"),
+        (
+            "domain_id",
+            json_numpy.dumps("3"),
+            "domain_id: expected a number or an array, got a string in a string",
+        ),
+    ],
+)
+def test_act_bad_fields_are_named(raw_policy: Policy, field: str, value: str, message: str) -> None:
+    body = json.dumps({**_authors_fields(raw_obs(np.random.default_rng(7))), field: value}).encode()
+    with pytest.raises(RequestError, match=message):
+        ACT.decode(raw_policy, ACT.loads(body))
+
+
+def test_act_encoded_image_size_is_checked_before_decoding() -> None:
+    """A PNG header claiming 5000 x 1 pixels is refused from the header (decompression bombs never expand)."""
+    wide = _encoded(np.zeros((1, 5000, 3), dtype=np.uint8), "PNG")
+    with pytest.raises(
+        RequestError, match=r"image0: encoded image side must be in \[1, 4096\], got \[1, 5000\]"
+    ):
+        ACT.loads(json.dumps({"image0": json_numpy.dumps(wide)}).encode())
+    objects = json.dumps({"image0": _array_object(b"\0" * 8, "|O", [1])}).encode()
+    with pytest.raises(RequestError, match="invalid JSON / json-numpy body: .*not a plain numeric dtype"):
+        ACT.loads(objects)  # a whole-body object array is refused as well
+
+
+def test_act_reply_is_the_authors_format(raw_policy: Policy) -> None:
+    """`{"action": [[float] * A] * 30}` as the authors' `action.tolist()`, plus our `server_timing`."""
+    prepared = ACT.decode(raw_policy, raw_obs(np.random.default_rng(8)))
+    anchors = _anchors(raw_policy)
+    reply = json.loads(ACT.dumps({**ACT.encode(prepared, anchors), "server_timing": TIMING}))
+    assert list(reply) == ["action", "server_timing"]
+    assert len(reply["action"]) == 30 and all(len(row) == 20 for row in reply["action"])
+    assert all(type(x) is float for row in reply["action"] for x in row)
+    assert reply["action"] == anchors.tolist()

@@ -56,25 +56,30 @@ def _dtype(value: Any) -> np.dtype:
     return np.dtype(value)
 
 
+def array_from_bytes(data: bytes, dtype: Any, shape: Any) -> np.ndarray:
+    """An untrusted (raw bytes, dtype string, shape) triple as a read-only array: a plain numeric dtype, at most
+    8 non-negative dimensions, and exactly the byte count they need (shared by msgpack and json-numpy)."""
+    dt = _dtype(dtype)
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise RequestError(f"array shape {shape!r} is not a list of non-negative ints")
+    if len(shape) > 8:
+        raise RequestError(f"array has {len(shape)} dimensions (at most 8)")
+    expected = math.prod(shape) * dt.itemsize
+    if len(data) != expected:
+        raise RequestError(
+            f"array of shape {tuple(shape)} and dtype {dt.str} needs {expected} bytes, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dt).reshape(shape)
+
+
 def _decode_hook(obj: dict) -> Any:
     if b"__ndarray__" in obj:
-        dtype = _dtype(obj.get(b"dtype"))
-        shape = obj.get(b"shape")
         data = obj.get(b"data")
-        if not isinstance(shape, (list, tuple)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-        ):
-            raise RequestError(f"array shape {shape!r} is not a list of non-negative ints")
-        if len(shape) > 8:
-            raise RequestError(f"array has {len(shape)} dimensions (at most 8)")
         if not isinstance(data, bytes):
             raise RequestError("array data is not a msgpack bin field")
-        expected = math.prod(shape) * dtype.itemsize
-        if len(data) != expected:
-            raise RequestError(
-                f"array of shape {tuple(shape)} and dtype {dtype.str} needs {expected} bytes, got {len(data)}"
-            )
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+        return array_from_bytes(data, obj.get(b"dtype"), obj.get(b"shape"))
     if b"__npgeneric__" in obj:
         value = obj.get(b"data")
         if not isinstance(value, (bool, int, float)):
