@@ -382,10 +382,13 @@ SWITCH_INTERVAL_S = 0.001
 
 def run_server(policy: ServablePolicy, config: ServerConfig) -> None:
     """Serve until SIGINT/SIGTERM (blocking)."""
+    import gc
     import signal
     import sys
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    gc.collect()
+    gc.freeze()  # the loaded model and libraries leave the GC's generations: full collections stay short
 
     async def main() -> None:
         stop = asyncio.Event()
