@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("mujoco")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 
 class AuthorsStyleSimClient:
@@ -54,22 +54,8 @@ class AuthorsStyleSimClient:
         return {"actions": self.source.canonical_to_native(canonical, state)}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from xvla.config import get_preset
-    from xvla.model.tokenizer import build_tokenizer
-    from xvla.model.xvla import XVLA
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("act_sim") / "ckpt"
-    config = get_preset("demo")
-    XVLA(config).save_pretrained(folder)
-    build_tokenizer(folder, vocab_size=config.text.vocab_size)
-    return folder
-
-
-def test_closed_loop_in_the_simulator_through_http_act(checkpoint: Path) -> None:
+def test_closed_loop_in_the_simulator_through_http_act(random_demo_checkpoint: Path) -> None:
+    checkpoint = random_demo_checkpoint
     from xvla.serve.policy import Policy
     from xvla.serve.server import ServerConfig, ServerThread
     from xvla.sim.evaluate import run_episode

@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mujoco")
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from xvla.config import get_preset
-    from xvla.model.tokenizer import build_tokenizer
-    from xvla.model.xvla import XVLA
+def checkpoint(random_demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random checkpoint with a sources.json that describes rs_ur5e."""
     from xvla.sim.suite import SUITE
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("sim_ckpt") / "ckpt"
-    config = get_preset("demo")
-    XVLA(config).save_pretrained(folder)
-    build_tokenizer(folder, vocab_size=config.text.vocab_size)
+    folder = tmp_path_factory.mktemp("sim_eval") / "ckpt"
+    shutil.copytree(random_demo_checkpoint, folder)
     sources = {"sources": [SUITE["rs_ur5e"].source("rs_ur5e").to_dict()]}
     (folder / "sources.json").write_text(json.dumps(sources))
     return folder
