@@ -58,6 +58,14 @@ def test_overrides_are_typed_and_named() -> None:
         ({"episodes": 0}, "episodes"),
         ({"budget_s": {"train": 1.0}}, "budget_s"),
         ({"augment": [1]}, "augment"),
+        (
+            {"source_weights": {"rs_kinova3": 2.0}},
+            "source_weights: 'rs_kinova3' is not a pre-training source",
+        ),
+        (
+            {"source_weights": {"rs_panda": 0.0}},
+            "source_weights\\['rs_panda'\\]: expected a finite number > 0",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(changes: dict[str, Any], message: str) -> None:

@@ -32,6 +32,8 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
                 "--threads",
                 "1",
                 "--no-progress",
+                "--set",
+                "source_weights.rs_panda=3",
             ]
         )
         == 0
@@ -47,6 +49,11 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
     assert set(results["learning_curve"]) == set(cfg.pretrain_names)
     assert all([p["step"] for p in points] == [2, 4] for points in results["learning_curve"].values())
     assert set(results["data"]) == {*cfg.pretrain_names, held}
+    weights = {
+        s["name"]: s["weight"]
+        for s in json.loads((out / "mixtures" / "pretrain.json").read_text())["sources"]
+    }
+    assert weights == {"mw_sawyer": 1.0, "rs_panda": 3.0}
     assert set(results["pretrain"]["validation"]["per_source"]) == set(cfg.pretrain_names)
     assert set(results["oracle"]) == {*cfg.pretrain_names, held}
     assert results["adapt"]["domain_id"] == len(cfg.pretrain_names)  # a new domain after the trained ones

@@ -7,6 +7,7 @@ through `xvla.configio` (typed, strict, dotted into `model_overrides` and `augme
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -39,6 +40,9 @@ class DemoConfig:
     episodes: int = 20  # successful expert episodes per pre-training source
     heldout_episodes: int = 20  # demonstrations of the held-out robot for adaptation
     val_episodes: int = 2  # per source, kept out of training for the validation error
+    # Sampling weight per pre-training source name (the rest 1.0): the mixture draws a source by normalised
+    # weight, then an episode uniformly (balanced over sources and trajectories, as in the paper).
+    source_weights: dict[str, float] = field(default_factory=dict)
     image_size: int = 64  # rendered, stored and model image side (px)
     # -- model: an xvla.config preset plus XVLAConfig field overrides (dotted)
     preset: str = "demo"
@@ -101,7 +105,7 @@ class DemoConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_sources", "model_overrides", "augment", "budget_s"):
+        for name in ("pretrain_sources", "model_overrides", "augment", "source_weights", "budget_s"):
             value = getattr(self, name)
             if name == "pretrain_sources" and isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
@@ -136,6 +140,16 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name}: expected an integer >= 0, got {getattr(self, name)!r}")
         if not self.pretrain_sources:
             raise ValueError("DemoConfig.pretrain_sources: expected at least one source")
+        names = {item.partition(":")[0] for item in self.pretrain_sources}
+        for name, weight in self.source_weights.items():
+            if name not in names:
+                raise ValueError(
+                    f"DemoConfig.source_weights: {name!r} is not a pre-training source (expected one of {sorted(names)})"
+                )
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise ValueError(
+                    f"DemoConfig.source_weights[{name!r}]: expected a finite number > 0, got {weight!r}"
+                )
         for name, total in (("episodes", self.episodes), ("heldout_episodes", self.heldout_episodes)):
             if not self.val_episodes < total:
                 raise ValueError(

@@ -167,7 +167,14 @@ def generate_data(cfg: DemoConfig, rt: Runtime) -> dict[str, Path]:
                 progress=rt.progress,
             )
             mixture = Mixture.load(written)
-        mixture = Mixture(tuple(dataclasses.replace(s, val_count=cfg.val_episodes) for s in mixture.sources))
+        mixture = Mixture(
+            tuple(
+                dataclasses.replace(
+                    s, val_count=cfg.val_episodes, weight=float(cfg.source_weights.get(s.name, 1.0))
+                )
+                for s in mixture.sources
+            )
+        )
         paths[key] = mixture_dir / f"{key}.json"
         mixture.save(paths[key])
     return paths
