@@ -132,6 +132,7 @@ def test_sample_contract() -> None:
         "instruction",
         "proprio",
         "domain_id",
+        "missing_views",
         "action",
         "source",
         "source_idx",
@@ -148,6 +149,7 @@ def test_sample_contract() -> None:
     source, ep, frame = key(s)
     assert (ds.mixture.sources[s["source_idx"]].name, s["episode"], s["frame"]) == (source, ep, frame)
     assert s["domain_id"] == ds.mixture[source].domain_id and s["instruction"] == f"task {ep}"
+    assert s["missing_views"] == ds.mixture[source].missing_views == "zeros"
     fake = FakeDataset(ds.mixture[source].path)
     expected = ds.mixture[source].state_to_canonical(fake.read_lowdim(ep, "observation.state")[frame])
     np.testing.assert_allclose(s["proprio"], expected, atol=1e-6)

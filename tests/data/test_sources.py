@@ -130,6 +130,7 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ({"val_fraction": 0.1, "val_count": 2}, r"val_count: expected 0 when val_fraction is set"),
         ({"targets": "joints"}, r"targets: expected one of"),
         ({"action_space": "joint"}, r"action_space: expected one of \['ee6d'\]"),
+        ({"missing_views": "black"}, r"missing_views: expected one of \('zeros', 'mask', 'repeat_primary'\)"),
     ],
 )
 def test_invalid_fields_are_named(changes: dict[str, Any], message: str) -> None:
@@ -251,3 +252,36 @@ def test_shape_errors_name_source_and_stream() -> None:
     no_action = Source.from_dict({k: v for k, v in bimanual().items() if k != "action"})
     with pytest.raises(SourceError, match="describes no action stream"):
         no_action.canonical_to_native(np.zeros((30, 20)), np.zeros(15))
+
+
+def test_missing_views_round_trips_and_defaults_to_the_old_behaviour(tmp_path: Path) -> None:
+    """The choice is written with the source (sources.json, mixture files); a description written before the
+    field existed reads as "zeros", what every source did then."""
+    assert Source.from_dict(bimanual()).missing_views == "zeros"
+    for choice in ("zeros", "mask", "repeat_primary"):
+        source = Source.from_dict(bimanual(missing_views=choice))
+        assert source.to_dict()["missing_views"] == choice
+        Mixture((source,)).save(tmp_path / "sources.json")
+        assert Mixture.load(tmp_path / "sources.json").sources[0].missing_views == choice
+
+
+def _cameras(n: int, **changes: Any) -> Source:
+    return Source.from_dict(bimanual(cameras=[{"key": f"cam{i}"} for i in range(n)], **changes))
+
+
+def test_check_views_against_a_model() -> None:
+    _cameras(3).check_views(3, masks_missing_views=False)
+    _cameras(2).check_views(3, masks_missing_views=False)  # "zeros", the default
+    _cameras(2, missing_views="repeat_primary").check_views(3, masks_missing_views=False)
+    _cameras(2, missing_views="mask").check_views(3, masks_missing_views=True)
+    _cameras(3, missing_views="mask").check_views(3, masks_missing_views=False)  # no view is missing
+    with pytest.raises(
+        SourceError, match=r"source 'dual': cameras: 3 cameras, but the model takes 2 view\(s\)"
+    ):
+        _cameras(3).check_views(2, masks_missing_views=True)
+    with pytest.raises(
+        SourceError,
+        match=r"source 'dual': missing_views: 'mask' needs a model built with mask_missing_views=true.*"
+        r"model.overrides: \{mask_missing_views: true\}",
+    ):
+        _cameras(1, missing_views="mask").check_views(2, masks_missing_views=False)

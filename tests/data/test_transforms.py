@@ -70,6 +70,22 @@ def test_output_matches_the_model_batch_contract(config: Any, tokenizer: Any) ->
     assert out["proprio"].shape == (20,) and out["action"].shape == (30, 20)
 
 
+def test_missing_views_are_filled_as_the_source_says(config: Any, tokenizer: Any) -> None:
+    transform = ObservationTransform(config, tokenizer, train=False)
+    default = transform(raw())
+    for absent in ("zeros", "mask"):  # absent views; the model's mask_missing_views decides on masking
+        out = transform(raw(missing_views=absent))
+        assert out["image_mask"].tolist() == [True, True, False] and torch.all(out["pixel_values"][2] == 0)
+        torch.testing.assert_close(out["pixel_values"], default["pixel_values"], rtol=0, atol=0)
+    one = transform(raw(images=raw()["images"][:1], missing_views="repeat_primary"))
+    assert one["image_mask"].tolist() == [True, True, True]
+    for v in (1, 2):
+        torch.testing.assert_close(one["pixel_values"][v], default["pixel_values"][0], rtol=0, atol=0)
+    two = transform(raw(missing_views="repeat_primary"))
+    torch.testing.assert_close(two["pixel_values"][:2], default["pixel_values"][:2], rtol=0, atol=0)
+    torch.testing.assert_close(two["pixel_values"][2], default["pixel_values"][0], rtol=0, atol=0)
+
+
 def test_constant_image_is_resized_and_normalised_exactly(config: Any, tokenizer: Any) -> None:
     image = np.empty((30, 50, 3), dtype=np.uint8)
     image[:] = (255, 0, 128)
@@ -188,6 +204,7 @@ def test_single_arm_padding_and_missing_action(config: Any, tokenizer: Any) -> N
         ({"images": [np.zeros((8, 8), np.uint8)]}, r"images: expected uint8 \[H, W, 3\] RGB"),
         ({"proprio": np.zeros(21)}, r"proprio: expected a last dimension <= 20"),
         ({"action": np.zeros((29, 20))}, r"action: expected \[30, <= 20\]"),
+        ({"missing_views": "black"}, r"missing_views: expected one of \('zeros', 'mask', 'repeat_primary'\)"),
     ],
 )
 def test_bad_input_is_named(config: Any, tokenizer: Any, changes: dict[str, Any], message: str) -> None:

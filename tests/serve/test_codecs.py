@@ -158,6 +158,24 @@ def test_act_optional_fields(raw_policy: Policy) -> None:
     assert ACT.decode(raw_policy, ACT.loads(json.dumps(_authors_fields(three)).encode())).steps == 2
 
 
+def test_act_integer_fields_accept_integral_floats(raw_policy: Policy) -> None:
+    """`"domain_id": 2.0` (and `steps`), which the authors' server reads with int(), is the request with 2."""
+    obs = raw_obs(np.random.default_rng(10))
+    expected = RAW.decode(raw_policy, {**obs, "steps": 3})
+    for domain_id, steps in (
+        (2.0, 3.0),
+        (json_numpy.dumps(np.float32(2.0)), json_numpy.dumps(np.float64(3.0))),
+    ):
+        body = json.dumps({**_authors_fields(obs), "domain_id": domain_id, "steps": steps}).encode()
+        fields = ACT.loads(body)
+        assert type(fields["domain_id"]) is int and type(fields["steps"]) is int
+        prepared = ACT.decode(raw_policy, fields)
+        _same_inputs(prepared.inputs, expected.inputs)
+        assert prepared.steps == 3
+    # in-process requests go through the same decoding
+    assert ACT.decode(raw_policy, {**obs, "domain_id": np.array([2.0])}).inputs["domain_id"].item() == 2
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_act_encoded_images_decode_to_rgb(raw_policy: Policy, fmt: str) -> None:
     """A 1-D uint8 image0/image1 is an encoded file, decoded in RGB (the authors' server would give BGR)."""
@@ -213,6 +231,18 @@ def _array_object(data: bytes, dtype: str, shape: list[int]) -> dict:
             json_numpy.dumps("3"),
             "domain_id: expected a number or an array, got a string in a string",
         ),
+        # the authors' int() would truncate 3.5 to 3, or fail on inf / NaN
+        (
+            "domain_id",
+            3.5,
+            r"domain_id: expected an integer \(a float only when it holds one, e.g. 3.0\), got 3.5",
+        ),
+        ("domain_id", json_numpy.dumps(np.float32(2.25)), "domain_id: expected an integer .*got 2.25"),
+        ("domain_id", float("inf"), "domain_id: expected an integer .*got inf"),
+        ("domain_id", float("nan"), "domain_id: expected an integer .*got nan"),
+        ("domain_id", 1e9, r"domain_id: 1000000000 is out of range \[0, 7\]"),
+        ("domain_id", -1.0, r"domain_id: -1 is out of range \[0, 7\]"),
+        ("steps", 2.5, "steps: expected an integer .*got 2.5"),
     ],
 )
 def test_act_bad_fields_are_named(raw_policy: Policy, field: str, value: str, message: str) -> None:

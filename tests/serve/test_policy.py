@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from xvla.data.transforms import ObservationTransform
+from xvla.model.xvla import XVLA
 from xvla.serve.codecs.source import resample_anchors
 from xvla.serve.policy import NonFiniteActionError, Policy
 from xvla.serve.protocol import RequestError
@@ -238,3 +240,94 @@ def test_source_from_a_file(checkpoint, tmp_path) -> None:  # noqa: ANN001
         loaded = Policy.from_checkpoint(checkpoint, source=str(tmp_path / name), device="cpu", steps=STEPS)
         assert loaded.source == source
         assert loaded.infer(robot_obs(np.random.default_rng(10)))["actions"].shape == (40, 7)  # 2 s at 20 Hz
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Robots with fewer cameras than the checkpoint (issue 15, item 5)
+
+
+def _same_weights(policy: Policy, **changes: object) -> XVLA:
+    """The policy's model with other config options (none of them changes a parameter's shape)."""
+    model = XVLA(policy.model.config.replace(**changes))
+    model.load_state_dict(policy.model.state_dict())
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def masking_model(policy: Policy) -> XVLA:
+    return _same_weights(policy, mask_missing_views=True)
+
+
+def test_two_cameras_on_a_three_view_checkpoint(policy: Policy, masking_model: XVLA) -> None:
+    """Each `missing_views` choice serves the 2-camera toy arm on the 3-view checkpoint end to end, as chosen:
+    "zeros" and "mask" give the third view absent (masked by the masking model), "repeat_primary" the front
+    camera's image again."""
+    assert policy.model.config.num_views == 3 and len(arm_source().cameras) == 2
+    obs = robot_obs(np.random.default_rng(11))
+    anchors = {}
+    for choice, model in (("zeros", policy.model), ("mask", masking_model), ("repeat_primary", policy.model)):
+        served = Policy(
+            model, policy.tokenizer, source=arm_source(missing_views=choice), config=policy.config
+        )
+        assert served.metadata["missing_views"] == choice
+        inputs = served.prepare(obs).inputs
+        present = choice == "repeat_primary"
+        assert inputs["image_mask"].tolist() == [True, True, present]
+        expected = inputs["pixel_values"][0] if present else torch.zeros_like(inputs["pixel_values"][2])
+        torch.testing.assert_close(inputs["pixel_values"][2], expected, rtol=0, atol=0)
+        reply = served.infer(obs)
+        assert reply["actions"].shape == (20, 7) and np.isfinite(reply["actions"]).all()
+        anchors[choice] = reply["anchors"]
+    # the same weights and noise: each choice changes what the model computes
+    assert not np.allclose(anchors["zeros"], anchors["mask"], atol=1e-4)
+    assert not np.allclose(anchors["zeros"], anchors["repeat_primary"], atol=1e-4)
+
+
+def test_view_choices_the_checkpoint_cannot_honour_are_refused(policy: Policy) -> None:
+    with pytest.raises(
+        ValueError, match=r"missing_views: 'mask' needs a model built with mask_missing_views=true"
+    ):
+        policy.with_source(arm_source(missing_views="mask"))
+    two_views = Policy(_same_weights(policy, num_views=2), policy.tokenizer, config=policy.config)
+    three = {"key": "observation.images.side"}
+    with pytest.raises(
+        ValueError, match=r"source 'toy_arm': cameras: 3 cameras, but the model takes 2 view\(s\)"
+    ):
+        two_views.with_source(arm_source(cameras=[*arm_source().to_dict()["cameras"], three]))
+
+
+def test_missing_views_round_trip_through_sources_json(checkpoint, tmp_path) -> None:  # noqa: ANN001
+    """The choice is read back from a checkpoint's sources.json; one written before the field existed means
+    "zeros", the behaviour it had then."""
+    for path in checkpoint.iterdir():
+        if path.name != "sources.json":
+            (tmp_path / path.name).symlink_to(path)
+    old = arm_source("old_arm", 4).to_dict()
+    del old["missing_views"]
+    sources = {
+        "old_arm": old,
+        "repeat_arm": arm_source("repeat_arm", 5, missing_views="repeat_primary").to_dict(),
+    }
+    (tmp_path / "sources.json").write_text(json.dumps(sources))
+    obs = robot_obs(np.random.default_rng(12))
+    for name, choice in (("old_arm", "zeros"), ("repeat_arm", "repeat_primary")):
+        loaded = Policy.from_checkpoint(tmp_path, source=name, device="cpu", steps=STEPS, seed=0)
+        assert loaded.source is not None and loaded.source.missing_views == choice
+        assert loaded.prepare(obs).inputs["image_mask"].tolist() == [True, True, choice == "repeat_primary"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 16-bit models
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
+def test_bfloat16_model_replies_in_float32_numpy(policy: Policy, fast: bool) -> None:
+    """A model run in bfloat16 (whose tensors numpy cannot hold) replies with float32 arrays, in both formats."""
+    model = copy.deepcopy(policy.model).to(torch.bfloat16)
+    robot = Policy(
+        model, policy.tokenizer, source=policy.source, config=dataclasses.replace(policy.config, fast=fast)
+    )
+    reply = robot.infer(robot_obs(np.random.default_rng(13)))
+    raw = robot.with_source(None).infer(raw_obs(np.random.default_rng(13)))
+    for value in (reply["actions"], reply["anchors"], reply["canonical"], raw["actions"]):
+        assert isinstance(value, np.ndarray) and value.dtype == np.float32 and np.isfinite(value).all()

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 from xvla.configio import ConfigError
 from xvla.model.xvla import XVLA
 from xvla.train import checkpointing, run_folder, trainer
-from xvla.train.distributed import make_accelerator
+from xvla.train.distributed import make_accelerator, make_loader
 from xvla.train.job import build_job
 from xvla.train.trainer import run, train
 
@@ -164,6 +164,49 @@ def test_refuses_checkpoint_of_another_architecture(tmp_path, datasets):
 def test_mixture_and_model_mismatch_errors(tmp_path, datasets, overrides, message):
     with pytest.raises((ValueError, ConfigError), match=message):
         train(make_config(tmp_path / "run", mixture(datasets), overrides))
+
+
+def test_missing_views_reach_the_batches_and_sources_json(tmp_path, datasets):
+    """A source's `missing_views` fills the training batches (1 camera on the 2-view model) and is written to the
+    checkpoint's sources.json; choices the model cannot honour are refused before training."""
+    data = {
+        "sources": [
+            source_dict("arc_a", 0, datasets["arc_a"], missing_views="repeat_primary"),
+            source_dict("arc_b", 1, datasets["arc_b"]),
+        ]
+    }
+    cfg = make_config(tmp_path / "run", data, ("batch_size=8",))
+    job = build_job(cfg)
+    assert (
+        job.sources["arc_a"]["missing_views"] == "repeat_primary"
+        and job.sources["arc_b"]["missing_views"] == "zeros"
+    )
+    _, loader = make_loader(
+        job, cfg, make_accelerator(cfg, partial_training=True), mixture=job.mixture, split="train"
+    )
+    batch = next(iter(loader))
+    assert batch["image_mask"][:, 0].all()
+    assert batch["image_mask"][:, 1].tolist() == (batch["domain_id"] == 0).tolist()  # arc_a's view repeated
+    repeated = batch["domain_id"] == 0
+    torch.testing.assert_close(batch["pixel_values"][repeated, 1], batch["pixel_values"][repeated, 0])
+    three = [{"key": k} for k in ("observation.images.front", "wrist", "side")]
+    refused = [
+        (
+            source_dict("arc_a", 0, datasets["arc_a"], cameras=three),
+            r"cameras: 3 cameras, but the model takes 2",
+        ),
+        (
+            source_dict("arc_a", 0, datasets["arc_a"], missing_views="mask"),
+            "missing_views: 'mask' needs a model",
+        ),
+    ]
+    for source, message in refused:
+        with pytest.raises(ValueError, match=r"source 'arc_a': " + message):
+            build_job(make_config(tmp_path / "bad", {"sources": [source]}))
+    masked = make_config(
+        tmp_path / "masked", {"sources": [refused[1][0]]}, ("model.overrides.mask_missing_views=true",)
+    )
+    assert build_job(masked).xvla.config.mask_missing_views
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, datasets):

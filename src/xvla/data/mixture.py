@@ -294,6 +294,7 @@ class MixtureDataset(IterableDataset):
             "instruction": episode.task,
             "proprio": episode.proprio[frame].astype(np.float32),
             "domain_id": source.domain_id,
+            "missing_views": source.missing_views,
             "action": targets.astype(np.float32),
             "source": source.name,
             # Where the sample comes from, so consumers (replay, debugging) can go back to the raw frame.

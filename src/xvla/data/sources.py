@@ -27,6 +27,13 @@ from xvla.data.conventions import GripperConvention, PoseConvention, chain_to_de
 FORMATS = ("auto", "lerobot", "hdf5")
 FLIPS = ("none", "horizontal", "vertical", "rot180")
 TARGET_STREAMS = ("state", "action")
+# How the views a model takes beyond a source's cameras are filled (`Source.missing_views`):
+# "zeros": absent (image_mask False): all-zero features in the sequence, as the released checkpoints were trained
+#   and as the authors' server serves a client that sends fewer images; a checkpoint built with
+#   `mask_missing_views` also masks them out of attention;
+# "mask": absent and masked out of attention: needs a checkpoint built with `mask_missing_views`;
+# "repeat_primary": the primary camera's image fills every missing view (marked present).
+MISSING_VIEWS = ("zeros", "mask", "repeat_primary")
 ACTION_SPACES = {"ee6d": 20}  # name -> canonical dim (EE conventions only make sense for ee6d)
 ARM_DIM = 10  # xyz + rot6d + gripper
 MAX_CAMERAS = 3
@@ -100,6 +107,9 @@ class Source:
     action_space: str = "ee6d"
     val_fraction: float = 0.0  # held-out episodes for validation: a fraction ...
     val_count: int = 0  # ... or a count (not both)
+    missing_views: str = (
+        "zeros"  # how views the model takes beyond `cameras` are filled: one of MISSING_VIEWS
+    )
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -136,6 +146,8 @@ class Source:
         for i, cam in enumerate(self.cameras):
             if cam.flip not in FLIPS:
                 bad(f"cameras[{i}].flip", f"one of {FLIPS}", cam.flip)
+        if self.missing_views not in MISSING_VIEWS:
+            bad("missing_views", f"one of {MISSING_VIEWS}", self.missing_views)
         if self.rot6d_layout not in rotations.ROT6D_LAYOUTS:
             bad("rot6d_layout", f"one of {rotations.ROT6D_LAYOUTS}", self.rot6d_layout)
         if not _positive(self.control_hz):
@@ -170,6 +182,23 @@ class Source:
                             aa.pose.frame,
                         )
         return out
+
+    def check_views(self, num_views: int, masks_missing_views: bool) -> None:
+        """Refuse (SourceError) cameras that a model taking `num_views` views cannot see, or a `missing_views`
+        it cannot honour (`masks_missing_views`: the model's `mask_missing_views` option)."""
+        where = f"source {self.name!r}"
+        if len(self.cameras) > num_views:
+            raise SourceError(
+                f"{where}: cameras: {len(self.cameras)} cameras, but the model takes {num_views} view(s); "
+                f"keep at most {num_views} (primary first) or use a model with num_views >= {len(self.cameras)}"
+            )
+        if self.missing_views == "mask" and len(self.cameras) < num_views and not masks_missing_views:
+            raise SourceError(
+                f"{where}: missing_views: 'mask' needs a model built with mask_missing_views=true, and this one "
+                "has it off (so do the released checkpoints); train one from a preset with "
+                "`model.overrides: {mask_missing_views: true}`, or choose 'zeros' (the released behaviour) or "
+                "'repeat_primary'"
+            )
 
     # ------------------------------------------------------------ conversions
 

@@ -4,8 +4,9 @@ Images: resize to ``config.image_size`` square (bicubic with antialiasing, no as
 ``ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0)`` with torchvision's semantics (random order
 of the three adjustments, factors uniform in [0.8, 1.2]) and, when ``Augment.shift_px`` > 0, a random shift
 (pad by replicating the border, crop back at a random offset of up to that many pixels, as DrQ and Diffusion
-Policy do for small-data visuomotor learning), then ImageNet mean/std. Views are padded to
-``config.num_views`` with zeros and masked. Text is tokenised and padded/truncated to ``config.max_text_len``.
+Policy do for small-data visuomotor learning), then ImageNet mean/std. Views beyond the sample's are filled
+to ``config.num_views`` as its source's ``missing_views`` says (`xvla.data.sources.MISSING_VIEWS`): absent
+(zeros, image_mask False; "zeros" and "mask") or copies of the primary view (present, "repeat_primary"). Text is tokenised and padded/truncated to ``config.max_text_len``.
 Proprio and actions are zero-padded to the model's widths (single-arm data fills the left arm).
 """
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xvla.data.sources import MISSING_VIEWS
 from xvla.model.action_spaces import build_action_space
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,6 +129,8 @@ class ObservationTransform:
         return (x - self._mean) / self._std
 
     def __call__(self, raw: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """``raw``: ``images`` (uint8 [H, W, 3] each, primary first), ``instruction``, ``proprio`` [P'],
+        ``domain_id``, optional ``action`` [T, A'] and ``missing_views`` (the source's, default "zeros")."""
         cfg = self.config
         images = raw["images"]
         if not 1 <= len(images) <= cfg.num_views:
@@ -138,6 +142,12 @@ class ObservationTransform:
         for v, img in enumerate(images):
             pixel_values[v] = self.image(img, generator)
             image_mask[v] = True
+        missing_views = raw.get("missing_views", "zeros")
+        if missing_views not in MISSING_VIEWS:
+            raise ValueError(f"missing_views: expected one of {MISSING_VIEWS}, got {missing_views!r}")
+        if missing_views == "repeat_primary":
+            pixel_values[len(images) :] = pixel_values[0]
+            image_mask[:] = True
         input_ids, attention_mask = self.tokens(raw["instruction"])
         out = {
             "pixel_values": pixel_values,

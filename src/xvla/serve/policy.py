@@ -155,6 +155,7 @@ class Policy:
             raise ValueError(
                 f"source {source.name!r}: canonical dim {source.canonical_dim} != model action dim {self.model.action_space.dim}"
             )
+        source.check_views(self.model.config.num_views, self.model.config.mask_missing_views)
 
     # ---------------------------------------------------------------------------------------------- metadata
     @property
@@ -182,14 +183,21 @@ class Policy:
         return (codec or self.codec).decode(self, obs, proprio)
 
     def model_inputs(
-        self, images: list[np.ndarray], instruction: str, proprio: np.ndarray, domain_id: int
+        self,
+        images: list[np.ndarray],
+        instruction: str,
+        proprio: np.ndarray,
+        domain_id: int,
+        missing_views: str = "zeros",
     ) -> dict[str, Tensor]:
-        """One request's unbatched model inputs, built by the training transform (what codecs decode into)."""
+        """One request's unbatched model inputs, built by the training transform (what codecs decode into);
+        `missing_views`: how views beyond `images` are filled (`xvla.data.sources.MISSING_VIEWS`)."""
         raw = {
             "images": images,
             "instruction": instruction,
             "proprio": np.asarray(proprio, dtype=np.float32),
             "domain_id": int(domain_id),
+            "missing_views": missing_views,
         }
         return self.transform(raw)
 

@@ -89,7 +89,7 @@ def preset_tokenizer(name: str | None, config: XVLAConfig) -> Any:
 
 
 def check_mixture(mixture: Mixture, model: XVLA) -> None:
-    """Every source must speak the model's action space and use one of its domains."""
+    """Every source must speak the model's action space, use one of its domains and fit its views."""
     space = model.config.action_space
     for s in mixture.sources:
         if s.action_space != space:
@@ -106,6 +106,7 @@ def check_mixture(mixture: Mixture, model: XVLA) -> None:
                 f"mixture source {s.name!r}: domain_id {s.domain_id} is outside the model's {model.num_domains} "
                 "domains (use `xvla adapt` to add a domain, or model.overrides head.num_domains for a preset)"
             )
+        s.check_views(model.config.num_views, model.config.mask_missing_views)
 
 
 def merge_sources(known: dict[str, dict[str, Any]], mixture: Mixture) -> dict[str, dict[str, Any]]:

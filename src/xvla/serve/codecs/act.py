@@ -12,7 +12,9 @@ Every request form the authors' server accepts is accepted:
 - `image0`/`image1`/`image2` as an HWC uint8 array **or** as a 1-D uint8 array holding an encoded JPEG or PNG
   file, which is decoded here to **RGB**. (The authors' server decodes it with ``cv2.imdecode`` and never
   converts, so their model gets BGR from such a client: a bug of theirs that is not copied.)
-- `image1`, `image2` and `steps` optional (`steps` defaults to the server's ``--steps``).
+- `image1`, `image2` and `steps` optional (`steps` defaults to the server's ``--steps``);
+- `domain_id` and `steps` as a float holding an integer (``3.0``), which the authors' server reads with ``int()``.
+  A float with a fraction (``3.5``, which ``int()`` would silently truncate to 3), inf or NaN is refused.
 
 Decoding is for untrusted input: json-numpy objects are decoded here, not by `json_numpy`, and only to plain
 numeric dtypes whose byte count matches the shape (never object or structured dtypes, never pickle); encoded
@@ -27,6 +29,7 @@ import base64
 import binascii
 import io
 import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 # Fields whose value may come as a json-numpy string (the instruction is always a plain string).
 ENCODED_FIELDS = (*CAMERAS, "proprio", "domain_id", "steps")
+INTEGER_FIELDS = ("domain_id", "steps")  # the authors' server reads these with int()
 IMAGE_FORMATS = ("JPEG", "PNG")
 
 
@@ -88,6 +92,20 @@ def decode_image(buffer: np.ndarray, name: str) -> np.ndarray:
         raise RequestError(f"{name}: corrupt encoded image ({type(err).__name__}: {err})") from None
 
 
+def integral_float(value: Any, name: str) -> Any:
+    """A float (Python, numpy scalar, or 0-d / 1-element float array) holding an integer -> that int; any other
+    float -> RequestError; anything else unchanged (`protocol.integer` checks it and the range)."""
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind == "f":
+        value = value.reshape(()).item()
+    if not isinstance(value, (float, np.floating)):
+        return value
+    if not (math.isfinite(value) and float(value).is_integer()):
+        raise RequestError(
+            f"{name}: expected an integer (a float only when it holds one, e.g. 3.0), got {float(value)!r}"
+        )
+    return int(value)
+
+
 def act_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The authors' request forms -> raw fields: json-numpy strings decoded, encoded images decoded to RGB.
     Idempotent (decoded fields pass through), so `decode` applies it to in-process requests too."""
@@ -114,6 +132,8 @@ def act_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
                 raise RequestError(f"{key}: expected a number or an array, got a string in a string")
         if key in CAMERAS and isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype == np.uint8:
             value = decode_image(value, key)
+        if key in INTEGER_FIELDS:
+            value = integral_float(value, key)
         fields[key] = value
     return fields
 

@@ -57,7 +57,7 @@ class SourceCodec(Codec):
         if not np.isfinite(canonical).all():
             raise RequestError("state: gives a non-finite canonical pose (check units and rotation format)")
         protocol.bounded(canonical, "state: canonical proprio", MAX_PROPRIO_ABS, PROPRIO_HINT)
-        inputs = policy.model_inputs(images, instruction, canonical, source.domain_id)
+        inputs = policy.model_inputs(images, instruction, canonical, source.domain_id, source.missing_views)
         return Prepared(inputs, steps(policy, obs), canonical, self, source, state)
 
     def encode(self, prepared: Prepared, anchors: np.ndarray) -> dict[str, Any]:
@@ -77,6 +77,7 @@ class SourceCodec(Codec):
         return {
             "domain": s.name,
             "cameras": [c.key for c in s.cameras],
+            "missing_views": s.missing_views,
             "state_key": s.state.key,
             "state_dim": s.state.dim,
             "action_key": s.action.key,
