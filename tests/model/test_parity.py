@@ -72,7 +72,7 @@ def test_cli_errors_are_reported(tmp_path, capsys: pytest.CaptureFixture[str]) -
 def test_minimal_florence_config_reads_like_the_full_one() -> None:
     import json
 
-    from xvla.model.checkpoint import config_from_authors, config_from_lerobot
+    from xvla.model.layouts import config_from_authors, config_from_lerobot
 
     raw = json.loads((fixture_dir("xvla_official_tiny") / "config.json").read_text())
     fc = raw["florence_config"]
