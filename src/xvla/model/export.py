@@ -9,6 +9,7 @@ naming it. docs/model.md lists them and records a load by LeRobot 0.6.1 itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -32,9 +33,9 @@ from xvla.model.checkpoint import (
 from xvla.model.layouts import (
     FOREIGN_LAYOUTS,
     ForeignLayout,
-    config_from_layout,
     config_to_authors,
     config_to_lerobot,
+    layout_fields,
     lerobot_processors,
     state_to_layout,
     weights_metadata,
@@ -52,6 +53,7 @@ TOKENIZER_FILES = (
 )
 BART_TOKENIZER = "facebook/bart-large"  # the released models' tokenizer, LeRobot's default `tokenizer_name`
 BART_VOCAB = 50265  # its vocabulary without added tokens (Florence-2's adds location tokens on top)
+XVLA_DEFAULTS = XVLAConfig()  # what a field a layout does not hold loads as
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}  # the two LeRobot's `dtype` accepts
 # Why some fields cannot be carried over (the generic reason: the layout has no field for them).
 _WHY = {
@@ -123,8 +125,11 @@ def weights_dtype(state: dict[str, Tensor]) -> str:
 
 
 def uncarried_fields(config: XVLAConfig, raw: dict[str, Any], layout: ForeignLayout) -> list[str]:
-    """The fields of `config` that the exported config `raw` does not carry: "name=ours (loads as theirs)"."""
-    ours, back = _flat(config.to_dict()), _flat(config_from_layout(raw, layout).to_dict())
+    """The fields of `config` that the exported config `raw` does not carry: "name=ours (loads as theirs)". Compared
+    field by field, before validation: what comes back may not even make a valid config."""
+    held = layout_fields(raw, layout)
+    back = {f.name: held.get(f.name, getattr(XVLA_DEFAULTS, f.name)) for f in dataclasses.fields(XVLAConfig)}
+    ours, back = _flat(config.to_dict()), _flat(json.loads(json.dumps(back, default=dataclasses.asdict)))
     unused = () if config.action_space == "auto" else ("real_action_dim", "max_action_dim")
     return [
         f"{k}={ours[k]!r} (loads as {back[k]!r}" + (f": {_WHY[k]})" if k in _WHY else ")")

@@ -223,8 +223,8 @@ def _florence_to_ours(florence: dict[str, Any]) -> tuple[VisionConfig, TextConfi
 
 def florence_config(vision: VisionConfig, text: TextConfig) -> dict[str, Any]:
     """Ours -> the `florence_config` both layouts hold, with the remote-code field names (the inverse of
-    `_florence_to_ours`; only the fields it reads, plus the model types and the decoder sizes the authors' code
-    builds before deleting the decoder)."""
+    `_florence_to_ours`; only the fields it reads, plus the model types and a one-layer decoder: both loaders
+    build the decoder, then delete it)."""
     return {
         "model_type": "florence2",
         "projection_dim": text.d_model,
@@ -259,7 +259,7 @@ def florence_config(vision: VisionConfig, text: TextConfig) -> dict[str, Any]:
             "encoder_layers": text.encoder_layers,
             "encoder_attention_heads": text.encoder_attention_heads,
             "encoder_ffn_dim": text.encoder_ffn_dim,
-            "decoder_layers": text.encoder_layers,
+            "decoder_layers": 1,
             "decoder_attention_heads": text.encoder_attention_heads,
             "decoder_ffn_dim": text.encoder_ffn_dim,
             "max_position_embeddings": text.max_position_embeddings,
@@ -298,21 +298,23 @@ def _head_fields(head: HeadConfig) -> dict[str, Any]:
     return {name: getattr(head, name) for name in _HEAD_FIELDS}
 
 
-def config_from_authors(raw: dict[str, Any]) -> XVLAConfig:
-    """The authors' config.json (XVLA head fields + nested florence_config) -> XVLAConfig."""
+def authors_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The XVLAConfig fields the authors' config.json (XVLA head fields + nested florence_config) holds."""
     vision, text = _florence_to_ours(raw["florence_config"])
     space = raw.get("action_mode", "ee6d").lower()
     real, max_dim = raw.get("real_action_dim", 20), raw.get("max_action_dim", 20)
-    return XVLAConfig(
-        vision=vision,
-        text=text,
-        head=_head(raw),
-        action_space=space,
-        real_action_dim=real,
-        max_action_dim=max_dim,
-        proprio_dim=build_action_space(space, real, max_dim).dim,  # the authors' proprio width = action width
-        num_actions=raw.get("num_actions", 30),
-    )
+    return {
+        "vision": vision,
+        "text": text,
+        "head": _head(raw),
+        "action_space": space,
+        "real_action_dim": real,
+        "max_action_dim": max_dim,
+        "proprio_dim": build_action_space(
+            space, real, max_dim
+        ).dim,  # the authors' proprio width = action width
+        "num_actions": raw.get("num_actions", 30),
+    }
 
 
 def config_to_authors(config: XVLAConfig, dtype: str, transformers_version: str) -> dict[str, Any]:
@@ -343,8 +345,8 @@ def lerobot_image_key(view: int) -> str:
     return "observation.images.image" + (str(view + 1) if view else "")
 
 
-def config_from_lerobot(raw: dict[str, Any]) -> XVLAConfig:
-    """LeRobot's draccus policy config (`type: xvla`, `chunk_size`, `max_state_dim`, ...) -> XVLAConfig.
+def lerobot_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The XVLAConfig fields LeRobot's draccus policy config (`type: xvla`, `chunk_size`, `max_state_dim`, ...) holds.
 
     As LeRobot does: the `auto` action space's real width is the action feature's; the image size is the one images
     are resized to (`resize_imgs_with_padding`) or, with no resizing, the visual features' declared size."""
@@ -354,20 +356,20 @@ def config_from_lerobot(raw: dict[str, Any]) -> XVLAConfig:
     features = raw.get("input_features") or {}
     views = [f for f in features.values() if (f or {}).get("type") == "VISUAL"]
     action = ((raw.get("output_features") or {}).get(LEROBOT_ACTION) or {}).get("shape")
-    return XVLAConfig(
-        vision=vision,
-        text=text,
-        head=_head(raw),
-        action_space=space,
-        real_action_dim=action[-1] if space == "auto" and action else max_dim,
-        max_action_dim=max_dim,
-        proprio_dim=raw.get("max_state_dim", 20),
-        num_actions=raw.get("chunk_size", 30),
-        num_views=raw.get("num_image_views") or max(len(views), 1),
-        image_size=_lerobot_image_size(raw.get("resize_imgs_with_padding"), views),
-        max_text_len=raw.get("tokenizer_max_length", 50),
-        num_steps=raw.get("num_denoising_steps", 10),
-    )
+    return {
+        "vision": vision,
+        "text": text,
+        "head": _head(raw),
+        "action_space": space,
+        "real_action_dim": action[-1] if space == "auto" and action else max_dim,
+        "max_action_dim": max_dim,
+        "proprio_dim": raw.get("max_state_dim", 20),
+        "num_actions": raw.get("chunk_size", 30),
+        "num_views": raw.get("num_image_views") or max(len(views), 1),
+        "image_size": _lerobot_image_size(raw.get("resize_imgs_with_padding"), views),
+        "max_text_len": raw.get("tokenizer_max_length", 50),
+        "num_steps": raw.get("num_denoising_steps", 10),
+    }
 
 
 def _lerobot_image_size(resize: list[int] | None, views: list[dict[str, Any]]) -> int:
@@ -482,5 +484,10 @@ def lerobot_processors(raw: dict[str, Any], domain_id: int) -> dict[str, dict[st
     }
 
 
+def layout_fields(raw: dict[str, Any], layout: ForeignLayout) -> dict[str, Any]:
+    """The XVLAConfig fields a foreign config.json holds; the others take their defaults."""
+    return lerobot_fields(raw) if layout == "lerobot" else authors_fields(raw)
+
+
 def config_from_layout(raw: dict[str, Any], layout: ForeignLayout) -> XVLAConfig:
-    return config_from_lerobot(raw) if layout == "lerobot" else config_from_authors(raw)
+    return XVLAConfig(**layout_fields(raw, layout))
