@@ -55,15 +55,12 @@ BART_TOKENIZER = "facebook/bart-large"  # the released models' tokenizer, LeRobo
 BART_VOCAB = 50265  # its vocabulary without added tokens (Florence-2's adds location tokens on top)
 XVLA_DEFAULTS = XVLAConfig()  # what a field a layout does not hold loads as
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}  # the two LeRobot's `dtype` accepts
-# Why some fields cannot be carried over (the generic reason: the layout has no field for them).
+# Why our options beyond the released model cannot be carried over (for the rest: the layout has no field for them).
 _WHY = {
     "objective": "their samplers are the released x0 re-noising one",
     "proprio_gripper": "their models always zero the proprio's gripper channels",
     "mask_text_padding": "their models mask nothing",
     "mask_missing_views": "their models mask nothing",
-    "head.dropout": "their head's dropout is fixed",
-    "vision.mlp_ratio": "fixed in their DaViT",
-    "vision.activation_function": "fixed (exact GELU) in their DaViT",
 }
 
 
