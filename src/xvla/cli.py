@@ -13,7 +13,7 @@ import sys
 
 # Modules that provide `register(subparsers: argparse._SubParsersAction) -> None`.
 _COMMAND_MODULES = (
-    "xvla.model.cli",  # info, parity
+    "xvla.model.cli",  # info, parity, export
     "xvla.data.cli",  # data inspect
     "xvla.train.cli",  # train, adapt
     "xvla.serve.cli",  # serve, replay

@@ -72,7 +72,7 @@ def test_cli_errors_are_reported(tmp_path, capsys: pytest.CaptureFixture[str]) -
 def test_minimal_florence_config_reads_like_the_full_one() -> None:
     import json
 
-    from xvla.model.checkpoint import config_from_authors, config_from_lerobot
+    from xvla.model.layouts import config_from_layout
 
     raw = json.loads((fixture_dir("xvla_official_tiny") / "config.json").read_text())
     fc = raw["florence_config"]
@@ -83,6 +83,8 @@ def test_minimal_florence_config_reads_like_the_full_one() -> None:
         "vision_config": {k: fc["vision_config"][k] for k in vision_keys},
         "text_config": {k: fc["text_config"][k] for k in text_keys},
     }
-    assert config_from_authors({**raw, "florence_config": minimal}) == config_from_authors(raw)
+    assert config_from_layout({**raw, "florence_config": minimal}, "authors") == config_from_layout(
+        raw, "authors"
+    )
     lerobot = json.loads((fixture_dir("xvla_lerobot_tiny") / "config.json").read_text())
-    assert config_from_lerobot(lerobot) == config_from_authors(raw)
+    assert config_from_layout(lerobot, "lerobot") == config_from_layout(raw, "authors")

@@ -2,8 +2,9 @@
 
 Ours: `config.json` = `{"format": "xvla", **XVLAConfig.to_dict()}` + `model.safetensors` with this package's
 parameter names (native transformers Florence-2 names under `vlm.`). The authors' and LeRobot's files use the
-vendored remote-code Florence-2 names; they are renamed here. Every key must be consumed and every parameter
-filled: anything else is an error listing the keys.
+vendored remote-code Florence-2 names; `layouts.py` (the one definition of both, read here and written by
+`export.py`) renames them. Every key must be consumed and every parameter filled: anything else is an error listing
+the keys.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from xvla.config import HeadConfig, TextConfig, VisionConfig, XVLAConfig
-from xvla.model.action_spaces import build_action_space
+from xvla.config import XVLAConfig
+from xvla.model.layouts import Layout, config_from_layout, state_from_layout
 from xvla.model.transformer import time_frequencies
 from xvla.model.xvla import XVLA
 
@@ -31,19 +34,16 @@ INDEX_NAME = "model.safetensors.index.json"
 SOURCES_NAME = (
     "sources.json"  # the data sources the model was trained with, by name (xvla.data.sources.Source dicts)
 )
-Layout = Literal["xvla", "authors", "lerobot"]
 
 
 # ------------------------------------------------------------------------------------------------------ saving
 def save_pretrained(model: XVLA, path: str | Path) -> None:
-    """Write config.json + model.safetensors into `path` atomically (temp folder, then rename).
+    """Write config.json + model.safetensors into `path` atomically (`atomic_folder`).
 
     Other files already in `path` (tokenizer, sources.json, ...) are carried over.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         if path.is_dir():
             for item in path.iterdir():
                 if item.name not in (CONFIG_NAME, WEIGHTS_NAME):
@@ -51,6 +51,16 @@ def save_pretrained(model: XVLA, path: str | Path) -> None:
         model.config.to_json(tmp / CONFIG_NAME)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; on success it replaces `path` (renamed over it), on any error it is
+    removed and `path` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{tmp.name}"
@@ -127,9 +137,7 @@ def read_config(path: str | Path) -> XVLAConfig:
     """XVLAConfig from a config.json of any supported layout."""
     raw = read_json(Path(path))
     layout = detect_layout(raw)
-    if layout == "xvla":
-        return XVLAConfig.from_dict(raw)
-    return config_from_lerobot(raw) if layout == "lerobot" else config_from_authors(raw)
+    return XVLAConfig.from_dict(raw) if layout == "xvla" else config_from_layout(raw, layout)
 
 
 def read_checkpoint(folder: Path) -> tuple[XVLAConfig, dict[str, Tensor], Layout]:
@@ -140,10 +148,8 @@ def read_checkpoint(folder: Path) -> tuple[XVLAConfig, dict[str, Tensor], Layout
     layout = detect_layout(read_json(cfg_path))
     config = read_config(cfg_path)
     state = read_weights(folder)
-    if layout == "lerobot":
-        state = {_strip(k, "model.", folder / WEIGHTS_NAME): v for k, v in state.items()}
     if layout != "xvla":
-        state = convert_vendored_state(state)
+        state = state_from_layout(state, layout, str(folder / WEIGHTS_NAME))
     return config, state, layout
 
 
@@ -259,164 +265,3 @@ def load_state(model: XVLA, state: dict[str, Tensor], source: str) -> None:
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"{source}: tensors left unmaterialised after loading: {leftover}")
-
-
-def _strip(key: str, prefix: str, where: Path) -> str:
-    if not key.startswith(prefix):
-        raise ValueError(f"{where}: key {key!r} lacks the {prefix!r} prefix of the LeRobot layout")
-    return key[len(prefix) :]
-
-
-# -------------------------------------------------------------------------------- vendored Florence-2 -> native
-_VENDORED_RENAMES: tuple[tuple[str, str], ...] = (
-    (r"^vlm\.language_model\.model\.shared\.weight$", "vlm.language_model.encoder.embed_tokens.weight"),
-    (r"^vlm\.language_model\.model\.encoder\.", "vlm.language_model.encoder."),
-    (r"^vlm\.image_proj_norm\.", "vlm.multi_modal_projector.image_proj_norm."),
-    (r"^vlm\.image_pos_embed\.", "vlm.multi_modal_projector.image_position_embed."),
-    (r"^vlm\.visual_temporal_embed\.", "vlm.multi_modal_projector.visual_temporal_embed."),
-    (r"^(vlm\.vision_tower\.convs\.\d+)\.proj\.", r"\1.conv."),
-    (r"\.(conv[12])\.fn\.dw\.", r".\1."),
-    (r"\.(window_attn|channel_attn)\.norm\.", ".norm1."),
-    (r"\.(window_attn|channel_attn)\.fn\.", r".\1."),
-    (r"\.ffn\.norm\.", ".norm2."),
-    (r"\.ffn\.fn\.net\.", ".ffn."),
-)
-_DROPPED = ("vlm.language_model.final_logits_bias",)  # unused LM-head bias saved by the authors' code
-
-
-def convert_vendored_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Authors' key names (vendored remote-code Florence-2) -> ours. `image_projection` ([in, out], x @ W) becomes
-    the native bias-free Linear weight ([out, in]); the tied token embedding may be stored under either alias."""
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key in _DROPPED:
-            continue
-        if key == "vlm.image_projection":
-            out["vlm.multi_modal_projector.image_projection.weight"] = value.t().contiguous()
-            continue
-        new = key
-        if key.startswith("vlm."):
-            for pattern, repl in _VENDORED_RENAMES:
-                new = re.sub(pattern, repl, new)
-        if new in out:
-            if not torch.equal(out[new], value):
-                raise ValueError(f"checkpoint: tied aliases of {new!r} hold different values")
-            continue
-        out[new] = value
-    return out
-
-
-# ------------------------------------------------------------------------------------------- config translation
-def _pick(d: dict[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    return default
-
-
-def _florence_to_ours(florence: dict[str, Any]) -> tuple[VisionConfig, TextConfig]:
-    """The authors' nested `florence_config` (remote-code or native field names, full or minimal) -> ours."""
-    vc = florence.get("vision_config") or {}
-    tc = florence.get("text_config") or {}
-    dv, dt = VisionConfig(), TextConfig()
-    vision = VisionConfig(
-        embed_dim=tuple(_pick(vc, "dim_embed", "embed_dim", default=dv.embed_dim)),
-        num_heads=tuple(_pick(vc, "num_heads", default=dv.num_heads)),
-        num_groups=tuple(_pick(vc, "num_groups", default=dv.num_groups)),
-        depths=tuple(_pick(vc, "depths", default=dv.depths)),
-        window_size=_pick(vc, "window_size", default=dv.window_size),
-        patch_size=tuple(_pick(vc, "patch_size", default=dv.patch_size)),
-        patch_stride=tuple(_pick(vc, "patch_stride", default=dv.patch_stride)),
-        patch_padding=tuple(_pick(vc, "patch_padding", default=dv.patch_padding)),
-        patch_prenorm=tuple(_pick(vc, "patch_prenorm", default=dv.patch_prenorm)),
-        drop_path_rate=_pick(vc, "drop_path_rate", default=dv.drop_path_rate),
-        max_position_embeddings=_pick(
-            vc.get("image_pos_embed") or {},
-            "max_pos_embeddings",
-            default=_pick(vc, "max_position_embeddings", default=50),
-        ),
-        max_temporal_embeddings=_pick(
-            vc.get("visual_temporal_embedding") or {},
-            "max_temporal_embeddings",
-            default=_pick(vc, "max_temporal_embeddings", default=100),
-        ),
-    )
-    text = TextConfig(
-        vocab_size=_pick(tc, "vocab_size", default=_pick(florence, "vocab_size", default=dt.vocab_size)),
-        d_model=_pick(tc, "d_model", default=dt.d_model),
-        encoder_layers=_pick(tc, "encoder_layers", default=dt.encoder_layers),
-        encoder_attention_heads=_pick(tc, "encoder_attention_heads", default=dt.encoder_attention_heads),
-        encoder_ffn_dim=_pick(tc, "encoder_ffn_dim", default=dt.encoder_ffn_dim),
-        max_position_embeddings=_pick(tc, "max_position_embeddings", default=dt.max_position_embeddings),
-        dropout=_pick(tc, "dropout", default=dt.dropout),
-        attention_dropout=_pick(tc, "attention_dropout", default=dt.attention_dropout),
-        activation_dropout=_pick(tc, "activation_dropout", default=dt.activation_dropout),
-        activation_function=_pick(tc, "activation_function", default=dt.activation_function),
-        pad_token_id=_pick(tc, "pad_token_id", default=dt.pad_token_id),
-        bos_token_id=_pick(tc, "bos_token_id", default=dt.bos_token_id),
-        eos_token_id=_pick(tc, "eos_token_id", default=dt.eos_token_id),
-    )
-    if tc.get("scale_embedding"):
-        raise ValueError(
-            "florence_config.text_config.scale_embedding=true is not supported (X-VLA uses unscaled embeddings)"
-        )
-    for where, dim in (
-        ("florence_config.projection_dim", florence.get("projection_dim")),
-        ("vision_config.projection_dim", vc.get("projection_dim")),
-    ):
-        if dim is not None and dim != text.d_model:
-            raise ValueError(f"{where}={dim} must equal text_config.d_model={text.d_model}")
-    return vision, text
-
-
-def _head(raw: dict[str, Any]) -> HeadConfig:
-    d = HeadConfig()
-    return HeadConfig(
-        hidden_size=raw.get("hidden_size", d.hidden_size),
-        depth=raw.get("depth", d.depth),
-        num_heads=raw.get("num_heads", d.num_heads),
-        mlp_ratio=raw.get("mlp_ratio", d.mlp_ratio),
-        num_domains=raw.get("num_domains", d.num_domains),
-        len_soft_prompts=raw.get("len_soft_prompts", d.len_soft_prompts),
-        dim_time=raw.get("dim_time", d.dim_time),
-        max_len_seq=raw.get("max_len_seq", d.max_len_seq),
-        use_hetero_proj=raw.get("use_hetero_proj", d.use_hetero_proj),
-    )
-
-
-def config_from_authors(raw: dict[str, Any]) -> XVLAConfig:
-    """The authors' config.json (XVLA head fields + nested florence_config) -> XVLAConfig."""
-    vision, text = _florence_to_ours(raw["florence_config"])
-    space = raw.get("action_mode", "ee6d").lower()
-    real, max_dim = raw.get("real_action_dim", 20), raw.get("max_action_dim", 20)
-    return XVLAConfig(
-        vision=vision,
-        text=text,
-        head=_head(raw),
-        action_space=space,
-        real_action_dim=real,
-        max_action_dim=max_dim,
-        proprio_dim=build_action_space(space, real, max_dim).dim,  # the authors' proprio width = action width
-        num_actions=raw.get("num_actions", 30),
-    )
-
-
-def config_from_lerobot(raw: dict[str, Any]) -> XVLAConfig:
-    """LeRobot's draccus policy config (`type: xvla`, `chunk_size`, `max_state_dim`, ...) -> XVLAConfig."""
-    vision, text = _florence_to_ours(raw["florence_config"])
-    space = raw.get("action_mode", "ee6d").lower()
-    max_dim = raw.get("max_action_dim", 20)
-    views = [k for k, f in (raw.get("input_features") or {}).items() if (f or {}).get("type") == "VISUAL"]
-    return XVLAConfig(
-        vision=vision,
-        text=text,
-        head=_head(raw),
-        action_space=space,
-        real_action_dim=raw.get("real_action_dim", max_dim),
-        max_action_dim=max_dim,
-        proprio_dim=raw.get("max_state_dim", 20),
-        num_actions=raw.get("chunk_size", 30),
-        num_views=raw.get("num_image_views") or max(len(views), 1),
-        max_text_len=raw.get("tokenizer_max_length", 50),
-        num_steps=raw.get("num_denoising_steps", 10),
-    )

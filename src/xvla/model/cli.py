@@ -1,8 +1,10 @@
-"""`xvla info` (parameter counts without allocating the model) and `xvla parity` (fixture replay)."""
+"""`xvla info` (parameter counts without allocating the model), `xvla parity` (fixture replay) and `xvla export`
+(another layout or format)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -26,6 +28,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parity.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance on tensors")
     parity.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance on loss scalars")
     parity.set_defaults(func=_parity)
+
+    export = subparsers.add_parser(
+        "export", help="write a checkpoint in LeRobot's or the authors' layout (or as ONNX)"
+    )
+    export.add_argument("checkpoint", help="checkpoint folder or hub id (any layout)")
+    export.add_argument("out", help="the new folder to write")
+    export.add_argument(
+        "--format", choices=("safetensors", "onnx"), default="safetensors", help="default: safetensors"
+    )
+    export.add_argument(
+        "--layout", choices=("lerobot", "authors"), help="whose checkpoint layout (required with safetensors)"
+    )
+    export.add_argument(
+        "--tokenizer-name",
+        help="LeRobot: the tokenizer its preprocessor loads (default: facebook/bart-large)",
+    )
+    export.add_argument(
+        "--domain",
+        help="LeRobot: the domain its preprocessor sets, a source name or id (default: the only one)",
+    )
+    export.set_defaults(func=_export)
 
 
 def parameter_counts(config: XVLAConfig) -> dict[str, int]:
@@ -84,3 +107,32 @@ def _parity(args: argparse.Namespace) -> int:
         + (f"; failed: {failed}" if failed else "")
     )
     return 1 if failed else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        if args.format == "onnx":
+            if args.layout or args.tokenizer_name or args.domain:
+                raise ValueError("--layout, --tokenizer-name and --domain apply to --format safetensors only")
+            try:  # the ONNX exporter lives in its own module, imported only when asked for
+                onnx_export = importlib.import_module("xvla.model.onnx_export")
+            except ModuleNotFoundError as err:
+                if err.name != "xvla.model.onnx_export":
+                    raise
+                raise ValueError(
+                    "--format onnx: this installation has no ONNX exporter (xvla.model.onnx_export)"
+                ) from None
+            onnx_export.export_onnx(args.checkpoint, args.out)
+        else:
+            from xvla.model.export import export_checkpoint
+
+            if args.layout is None:
+                raise ValueError("--layout lerobot|authors is required with --format safetensors")
+            export_checkpoint(
+                args.checkpoint, args.out, args.layout, tokenizer_name=args.tokenizer_name, domain=args.domain
+            )
+    except (OSError, ValueError, KeyError) as err:
+        print(f"xvla export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({args.format}" + (f", {args.layout} layout)" if args.layout else ")"))
+    return 0
