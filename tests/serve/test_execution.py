@@ -101,11 +101,13 @@ def test_synchronous_with_latency_holds_while_waiting() -> None:
 
 def test_rtc_keeps_executing_the_old_chunk_during_inference() -> None:
     actions, model = _run(RealTimeChunking(execute_steps=3), 2, 10)
-    # the first chunk is waited for (nothing to execute yet); then a query every 3 ticks; each reply arrives 2
-    # ticks later and is read from its own tick: row 2 of the chunk asked for at tick 3 is executed at tick 5
-    assert actions == [-1, -1, 2, 3, 4, 302, 303, 304, 602, 603]
+    # the first chunk is waited for (the robot holds, then it starts from its row 0); then a query every 3
+    # ticks; each reply arrives 2 ticks later and is read from its own tick: row 2 of the chunk asked for at
+    # tick 3 is executed at tick 5
+    assert actions == [-1, -1, 0, 1, 2, 302, 303, 304, 602, 603]
     assert [r["tick"] for r in model.requests] == [0, 3, 6, 9]
     assert [r.get("delay") for r in model.requests] == [None, 2, 2, 2]
+    assert [r.get("plan_start") for r in model.requests] == [None, 2, 3, 6]  # the session re-anchors by it
 
 
 def test_ensemble_queries_as_often_as_it_may() -> None:

@@ -83,7 +83,8 @@ def test_synchronous_step_equals_the_chunk_exactly(policy: Policy) -> None:
 
 def _rtc_run(policy: Policy, weight: float) -> list[tuple[int, np.ndarray | None, np.ndarray | None]]:
     """RTC with a 2-tick latency for 7 ticks: per tick (plan id, the plan's canonical poses, the executed pose).
-    Queries at ticks 0 and 4; the second reply arrives at tick 6, its delay (2) measured from the first."""
+    Queries at ticks 0 and 4; the first chunk starts at tick 2, the second arrives at tick 6 (its delay, 2, was
+    measured on the first)."""
     looped = _stepping(policy, RealTimeChunking(execute_steps=4, weight=weight), 2)
     rng = np.random.default_rng(31)
     out = []
@@ -100,10 +101,11 @@ def test_rtc_frozen_steps_equal_the_committed_actions(policy: Policy) -> None:
     first, second = ticks[2][1], ticks[6][1]
     assert first is not None and second is not None and np.isfinite(second).all()
     # rows 0 and 1 of the second chunk (ticks 4 and 5, executed from the first chunk during inference) are the
-    # first chunk's rows 4 and 5: xyz and rot6d exactly, the gripper up to the logit clamp of the sampler
+    # first chunk's rows 2 and 3 (it started at tick 2, when it arrived): xyz and rot6d exactly, the gripper up
+    # to the logit clamp of the sampler
     pose = [i for i in range(10) if i != 9]
-    np.testing.assert_allclose(second[:2, pose], first[4:6, pose], atol=1e-5)
-    np.testing.assert_allclose(second[:2, 9], first[4:6, 9], atol=1e-3)
+    np.testing.assert_allclose(second[:2, pose], first[2:4, pose], atol=1e-5)
+    np.testing.assert_allclose(second[:2, 9], first[2:4, 9], atol=1e-3)
 
 
 def test_rtc_boundaries_jump_less_than_without_inpainting(policy: Policy) -> None:

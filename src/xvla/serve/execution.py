@@ -244,6 +244,7 @@ class Executor:
             request = {**obs, "tick": t}
             if self.last_delay is not None:
                 request["delay"] = self.last_delay
+                request["plan_start"] = self.plan_start
             self.requester.submit(request, t)  # a request that fails leaves no state behind
             self.in_flight = self.last_query = t
             self._accept(self.requester.poll(t, block=False), t)  # a reply due at once is used at once
@@ -283,7 +284,11 @@ class Executor:
             n = min(self.strategy.execute_steps or len(actions), len(actions))
             self.plan, self.plan_canonical, self.plan_start = actions[:n], np.asarray(canonical)[:n], t
         else:
-            self.plan, self.plan_canonical, self.plan_start = actions, np.asarray(canonical), self.in_flight
+            # Row k is the action of tick `request + k`, unless no plan covered the request's tick: then the
+            # robot held still meanwhile (the first chunk of an episode) and the chunk starts now, as a waited one.
+            held = self.plan is None or not 0 <= self.in_flight - self.plan_start < len(self.plan)
+            start = t if held else self.in_flight
+            self.plan, self.plan_canonical, self.plan_start = actions, np.asarray(canonical), start
         self.plan_id += 1
         self.in_flight = None
 

@@ -5,7 +5,8 @@ when the connection closes); an in-process `Policy` keeps one for its `step` loo
 between requests:
 
 - the committed plan: the canonical poses of the latest reply (`RealTimeChunking`), or of every reply that still
-  covers future ticks (`TemporalEnsemble`), each with the tick of its observation;
+  covers future ticks (`TemporalEnsemble`), each with the tick of its first action (its observation's, or the
+  ``plan_start`` the client reports when it held still for that reply);
 - the latency estimate: the largest delay (in control ticks) that the client measured over its last
   `DELAY_WINDOW` replies (RTC freezes that many steps, so an estimate on the high side is the safe one).
 
@@ -85,15 +86,17 @@ class Session:
     def attach(self, prepared: Prepared, obs: Mapping[str, Any]) -> Prepared:
         """Validate a prepared request's ``tick`` / ``delay`` fields (RequestError naming the field), record the
         delay and, for RTC, attach the inpainting target. Returns `prepared`."""
-        tick, delay = self._timing_fields(obs)
+        tick, delay, plan_start = self._timing_fields(obs)
         prepared.tick = tick
         if delay is not None:
             self.delays.append(delay)
+        if plan_start is not None and self.plans:  # where the client really started the latest plan
+            self.plans[-1] = Plan(plan_start, self.plans[-1].canonical)
         if isinstance(self.strategy, RealTimeChunking) and tick is not None and self.plans:
             prepared.inpaint = self.inpainting(prepared, tick)
         return prepared
 
-    def _timing_fields(self, obs: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    def _timing_fields(self, obs: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
         needs_tick = not isinstance(self.strategy, Synchronous)
         if obs.get("tick") is None:
             if needs_tick:
@@ -101,12 +104,15 @@ class Session:
                     f"tick: required with the {self.strategy.name!r} execution strategy (the control tick of "
                     "the observation, counted by the client)"
                 )
-            return None, None
+            return None, None, None
         tick = protocol.integer(obs["tick"], "tick", 0, MAX_TICK)
         if self.last_tick is not None and tick < self.last_tick:
             raise protocol.RequestError(f"tick: {tick} is before the previous request's {self.last_tick}")
-        delay = None if obs.get("delay") is None else protocol.integer(obs["delay"], "delay", 0, MAX_TICK)
-        return tick, delay
+        delay, start = (
+            None if obs.get(key) is None else protocol.integer(obs[key], key, 0, tick)
+            for key in ("delay", "plan_start")
+        )
+        return tick, delay, start
 
     def inpainting(self, prepared: Prepared, tick: int) -> tuple[np.ndarray, np.ndarray]:
         """(target [30, A] canonical anchors, weight [30]) continuing the committed plan from `tick`."""
