@@ -11,7 +11,8 @@ before, holds included): the mean over episodes of each episode's largest, and t
 
     nice -n 19 python benchmarks/realtime.py --checkpoint /work/exp/demo_pg/pretrain/checkpoints/step_00001200 \\
         --source rs_ur5e --task Lift --episodes 20 --out benchmarks/results/realtime_ur5e.json
-    python benchmarks/realtime.py --plot benchmarks/results/realtime_ur5e.json --plot-out docs/img/realtime_chunks.png
+    python benchmarks/realtime.py --table benchmarks/results/realtime_ur5e*.json
+    python benchmarks/realtime.py --plot benchmarks/results/realtime_ur5e*.json --plot-out docs/img/realtime_chunks.png
 """
 
 from __future__ import annotations
@@ -190,6 +191,17 @@ def _save(result: dict[str, Any], path: str) -> None:
     Path(path).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def merge(paths: list[str]) -> dict[str, Any]:
+    """Result files of one source (e.g. one per latency, run side by side) -> one result, cells ordered by latency
+    then strategy; a cell measured twice is taken from the later file."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    cells = {(c["latency_ms"], c["name"]): c for r in results for c in r["cells"]}
+    order = list(strategies(1, 0.0))
+    merged = {**results[0], "commands": [r["command"] for r in results]}
+    merged["cells"] = [cells[k] for k in sorted(cells, key=lambda k: (k[0], order.index(k[1])))]
+    return merged
+
+
 def table(result: dict[str, Any]) -> str:
     """The docs' markdown table of one result file."""
     rows = [
@@ -252,17 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="result JSON (rewritten after every cell)")
-    p.add_argument("--plot", help="draw from a result JSON instead of measuring")
+    p.add_argument("--plot", nargs="+", help="draw from result JSONs (merged) instead of measuring")
     p.add_argument("--plot-out", default="docs/img/realtime_chunks.png")
     p.add_argument("--plot-latency", type=float, default=300.0)
     p.add_argument("--plot-axis", type=int, default=2, help="0, 1, 2: x, y, z")
-    p.add_argument("--table", help="print the markdown table of a result JSON")
+    p.add_argument("--table", nargs="+", help="print the markdown table of result JSONs (merged)")
     args = p.parse_args(argv)
     if args.plot:
-        plot(json.loads(Path(args.plot).read_text()), args.plot_latency, args.plot_out, args.plot_axis)
+        plot(merge(args.plot), args.plot_latency, args.plot_out, args.plot_axis)
         return 0
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        print(table(merge(args.table)))
         return 0
     if not args.checkpoint:
         p.error("--checkpoint is required to measure")
