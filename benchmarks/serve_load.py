@@ -6,6 +6,13 @@
 The server runs in a subprocess (`python -m xvla.cli serve ...` on 127.0.0.1, a free port). Each client is a
 thread sending raw-protocol observations (64 px images): every other one over the WebSocket (its own
 `PolicyClient`, no retries: a failure counts), the rest as `POST /act` (json-numpy, one connection per request).
+With `--mixed`, clients take turns over four kinds: `POST /act`, a plain WebSocket client, and WebSocket clients
+with an execution strategy (`rtc`: real-time chunking, `ensemble`: temporal ensembling), whose requests carry the
+control tick and the measured delay as `PolicyClient.step` sends them, so the server keeps a session per
+connection and inpaints (RTC) or ensembles every chunk after the first:
+
+    python benchmarks/serve_load.py --mixed --clients 8 --requests 25     # the short mixed run (about a minute)
+
 A further thread polls `GET /healthz` every 50 ms while the load runs: the event loop must keep answering.
 Everything is bounded: per-request timeouts, a global deadline, and the server is stopped at the end. Prints a
 table and writes JSON (latency p50/p90/p99/max overall and per transport, `/healthz` latency, throughput, failed
@@ -37,10 +44,24 @@ import json_numpy
 import numpy as np
 
 TIMING_KEYS = ("prep_ms", "queue_ms", "infer_ms")
+TRANSPORTS = ("websocket", "http", "rtc", "ensemble")
+TICKS_PER_REQUEST = 4  # an asynchronous client's control ticks between two requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from xvla.serve.client import PolicyClient  # noqa: E402  (torch-free)
+from xvla.serve.execution import (  # noqa: E402
+    RealTimeChunking,
+    Strategy,
+    Synchronous,
+    TemporalEnsemble,
+)
+
+EXECUTION: dict[str, Strategy] = {
+    "websocket": Synchronous(),
+    "rtc": RealTimeChunking(execute_steps=TICKS_PER_REQUEST),
+    "ensemble": TemporalEnsemble(query_every=TICKS_PER_REQUEST),
+}
 
 
 def micro_config():
@@ -160,20 +181,27 @@ def client_worker(
     latencies, batch_sizes, timings, failures, errors = [], [], [], 0, []
     out.update(transport=transport)
     client = None
-    if transport == "websocket":
+    if transport != "http":
         try:
-            client = PolicyClient("127.0.0.1", port, timeout_s=timeout_s, retries=0)
+            client = PolicyClient(
+                "127.0.0.1", port, timeout_s=timeout_s, retries=0, execution=EXECUTION[transport]
+            )
         except Exception as err:
             out.update(
                 latencies=[], batch_sizes=[], timings=[], failures=requests, errors=[f"connect: {err}"]
             )
             return
-    for _ in range(requests):
+    for i in range(requests):
         if time.monotonic() > deadline:
             failures += 1
             errors.append("global deadline reached")
             continue
         obs = observation(rng, image_px, meta)
+        if transport in ("rtc", "ensemble"):  # what `PolicyClient.step` sends: tick, delay, plan start
+            tick = i * TICKS_PER_REQUEST
+            obs["tick"] = tick
+            if i:
+                obs.update(delay=1, plan_start=tick - TICKS_PER_REQUEST)
         t0 = time.perf_counter()
         try:
             reply = client.infer(obs) if client is not None else http_infer(port, obs, timeout_s)
@@ -243,6 +271,11 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=1000, help="requests per client")
     ap.add_argument("--http-clients", type=float, default=0.5, help="share of clients using POST /act")
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="clients take turns: POST /act, WebSocket, WebSocket + RTC, WebSocket + ensembling",
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -268,6 +301,9 @@ def main() -> int:
                 "http" if int((i + 1) * args.http_clients) > int(i * args.http_clients) else "websocket"
                 for i in range(args.clients)
             ]
+            if args.mixed:
+                kinds = ("http", "websocket", "rtc", "ensemble")
+                transports = [kinds[i % len(kinds)] for i in range(args.clients)]
             threads = [
                 threading.Thread(
                     target=client_worker,
@@ -316,7 +352,7 @@ def main() -> int:
         "wall_s": wall,
         "throughput_rps": ok / wall if wall > 0 else 0.0,
         "latency_ms": percentiles(lat.tolist()),
-        "by_transport": {t: transport_summary(results, t) for t in ("websocket", "http")},
+        "by_transport": {t: transport_summary(results, t) for t in TRANSPORTS if t in transports},
         "healthz_during_load_ms": {
             "polls": len(health.get("latencies", [])),
             "failed": health.get("failures", 0),
@@ -332,6 +368,7 @@ def main() -> int:
             "max_wait_ms": args.max_wait_ms,
             "server_threads": args.threads,
             "image_px": args.image_px,
+            "mixed": args.mixed,
         },
         "machine": {
             "cpus": os.cpu_count(),

@@ -13,6 +13,7 @@ import torch
 from xvla.data.transforms import ObservationTransform
 from xvla.model.xvla import XVLA
 from xvla.serve.codecs.source import resample_anchors
+from xvla.serve.execution import Synchronous
 from xvla.serve.policy import NonFiniteActionError, Policy
 from xvla.serve.protocol import RequestError
 
@@ -108,7 +109,9 @@ def test_step_queue_and_open_loop(policy: Policy) -> None:
         policy.model,
         policy.tokenizer,
         source=policy.source,
-        config=dataclasses.replace(policy.config, execute_steps=5, proprio_mode="open_loop"),
+        config=dataclasses.replace(
+            policy.config, execution=Synchronous(execute_steps=5), proprio_mode="open_loop"
+        ),
     )
     original = looped.prepare
 
@@ -206,7 +209,7 @@ def test_non_finite_actions_are_never_returned(policy: Policy, raw: bool) -> Non
         broken.infer_batch([obs, obs])
     with pytest.raises(NonFiniteActionError):
         broken.step(obs)
-    assert broken._queue == []  # nothing queued for the robot either
+    assert broken.executor.plan is None and broken.executor.in_flight is None  # nothing queued either
 
 
 def test_from_checkpoint_names_unknown_source(checkpoint) -> None:  # noqa: ANN001

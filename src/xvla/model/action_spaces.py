@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _REGISTRY: dict[str, type[ActionSpace]] = {}
+GRIPPER_EPS = 1e-4  # `preimage`: a 0/1 gripper becomes a logit of about -+9.2
 
 
 def register_action_space(name: str) -> Callable[[type[ActionSpace]], type[ActionSpace]]:
@@ -94,6 +95,16 @@ class ActionSpace:
         is_grip = torch.zeros(pred.shape[-1], dtype=torch.bool, device=pred.device)
         is_grip[list(self.gripper_idx)] = True
         return torch.where(is_grip, torch.sigmoid(pred), pred)
+
+    def preimage(self, actions: Tensor) -> Tensor:
+        """Inverse of `postprocess`: actions [B, T, input_dim] -> network outputs [B, T, dim] (padded; gripper
+        values in [0, 1] to logits, clamped to +-logit(1 - GRIPPER_EPS) so a binary 0/1 stays finite)."""
+        x = self.pad(actions)
+        if not (self.gripper_logits and self.gripper_idx):
+            return x
+        is_grip = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+        is_grip[list(self.gripper_idx)] = True
+        return torch.where(is_grip, torch.logit(x.clamp(GRIPPER_EPS, 1 - GRIPPER_EPS)), x)
 
     def loss_terms(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms per sample, each `[B]`. pred/target: [B, T, dim]."""

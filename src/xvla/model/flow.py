@@ -13,12 +13,22 @@ velocity action - noise (MSE), and the sampler integrates it with Euler steps fr
 
 The sampler takes `denoise(x_t [B,T,A], t [B]) -> [B,T,A]` and contains no host syncs (no `.item()`, no branches
 on tensor values), so the loop can be compiled or captured.
+
+**Inpainting** (real-time chunking, `xvla.serve.execution`): with an `Inpainting` (actions a chunk must continue
+and a weight per step), every network prediction is corrected before the sampler's next step so that its estimate
+of the clean chunk becomes ``clean + w * (target - clean)``: `x0_renoise` blends the predicted x0 itself before it
+is re-noised; `velocity` changes the velocity so that the Euler step's implied endpoint is the blended one. The
+correction is applied after the last prediction too, so where w = 1 the output is exactly the target (up to the
+gripper logit clamp of `ActionSpace.preimage`); w = 0 leaves a prediction bit-identical. This is the replacement
+form of inpainting (not Black et al.'s gradient guidance, which needs a backward pass per step): one
+multiply-add per step, no host syncs.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -35,6 +45,33 @@ def stratified_t(u: Tensor, batch_size: int) -> Tensor:
     """One u ~ U[0,1) [1] -> t_b = (u + b/B) mod (1 - 1e-5), [B]."""
     offsets = torch.arange(batch_size, device=u.device, dtype=u.dtype) / batch_size
     return (u + offsets) % T_MAX
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """Actions a sampled chunk must continue: `actions` [B, T, input_dim] in the space `generate` returns
+    (post-processed), `weight` [B, T] in [0, 1] (1: the output equals `actions` at that step; 0: unconstrained)."""
+
+    actions: Tensor
+    weight: Tensor
+
+    def check(self, batch: int, steps: int, input_dim: int) -> None:
+        """Raise ValueError unless the shapes match a [batch, steps, input_dim] chunk and values are usable."""
+        if tuple(self.actions.shape) != (batch, steps, input_dim):
+            raise ValueError(
+                f"inpainting actions: expected shape {(batch, steps, input_dim)}, got {tuple(self.actions.shape)}"
+            )
+        if tuple(self.weight.shape) != (batch, steps):
+            raise ValueError(
+                f"inpainting weight: expected shape {(batch, steps)}, got {tuple(self.weight.shape)}"
+            )
+        if not bool(torch.isfinite(self.actions).all()):
+            raise ValueError("inpainting actions: contain NaN or infinite values")
+        if not bool(((self.weight >= 0) & (self.weight <= 1)).all()):
+            raise ValueError("inpainting weight: expected values in [0, 1]")
+
+
+Guide = tuple[Tensor, Tensor]  # (target [B, T, A] in the sampler's space, weight [B, T, 1])
 
 
 class FlowObjective(ABC):
@@ -80,13 +117,32 @@ class FlowObjective(ABC):
     def finish(self, state: Tensor, space: ActionSpace) -> Tensor:
         """Final state [B, T, dim] -> action chunk [B, T, input_dim]."""
 
-    def sample(self, denoise: Denoiser, noise: Tensor, steps: int) -> Tensor:
-        """Raw sampler output [B, T, A] (not finished) from noise [B, T, A] in `steps` network calls."""
+    @abstractmethod
+    def unfinish(self, actions: Tensor, space: ActionSpace) -> Tensor:
+        """Inverse of `finish`: an action chunk [B, T, input_dim] -> the sampler's state space [B, T, dim]."""
+
+    @abstractmethod
+    def guide(self, state: Tensor, pred: Tensor, t: Tensor | float, guide: Guide) -> Tensor:
+        """The prediction [B, T, A] corrected so that its clean-chunk estimate moves to the guide's target by the
+        guide's weight (module doc, "Inpainting"); `t` as in `net_input`."""
+
+    def guidance(self, inpaint: Inpainting, space: ActionSpace, dtype: torch.dtype) -> Guide:
+        """An `Inpainting` (post-processed actions) -> the sampler's (target [B, T, A], weight [B, T, 1])."""
+        target = self.unfinish(inpaint.actions.to(dtype), space)
+        return target, inpaint.weight.to(dtype)[..., None]
+
+    def sample(self, denoise: Denoiser, noise: Tensor, steps: int, guide: Guide | None = None) -> Tensor:
+        """Raw sampler output [B, T, A] (not finished) from noise [B, T, A] in `steps` network calls; `guide`
+        inpaints (module doc)."""
         b = noise.shape[0]
         state = self.start(noise)
         for tk in self.grid(steps):
             t = torch.full((b,), tk, device=noise.device, dtype=noise.dtype)
-            state = self.step(state, denoise(self.net_input(state, noise, t.view(-1, 1, 1)), t), steps)
+            tt = t.view(-1, 1, 1)
+            pred = denoise(self.net_input(state, noise, tt), t)
+            if guide is not None:
+                pred = self.guide(state, pred, tt, guide)
+            state = self.step(state, pred, steps)
         return state
 
 
@@ -121,6 +177,13 @@ class X0Renoise(FlowObjective):
     def finish(self, state: Tensor, space: ActionSpace) -> Tensor:
         return space.postprocess(state)
 
+    def unfinish(self, actions: Tensor, space: ActionSpace) -> Tensor:
+        return space.preimage(actions)
+
+    def guide(self, state: Tensor, pred: Tensor, t: Tensor | float, guide: Guide) -> Tensor:
+        target, weight = guide
+        return pred + weight * (target - pred)  # pred is the clean estimate: blend it before re-noising
+
 
 class Velocity(FlowObjective):
     """Rectified flow: predict action - noise, Euler from t=0 (noise) to t=1 (action). The network needs the noise
@@ -154,6 +217,15 @@ class Velocity(FlowObjective):
 
     def finish(self, state: Tensor, space: ActionSpace) -> Tensor:
         return state[..., : space.input_dim]
+
+    def unfinish(self, actions: Tensor, space: ActionSpace) -> Tensor:
+        return space.pad(actions)
+
+    def guide(self, state: Tensor, pred: Tensor, t: Tensor | float, guide: Guide) -> Tensor:
+        target, weight = guide
+        # The Euler endpoint from t is state + (1 - t) * pred; grid t < 1, so 1 - t >= 1/steps.
+        clean = state + (1 - t) * pred
+        return pred + weight * (target - clean) / (1 - t)
 
 
 OBJECTIVES: dict[str, FlowObjective] = {o.name: o for o in (X0Renoise(), Velocity())}

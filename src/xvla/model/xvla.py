@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from xvla.config import XVLAConfig
 from xvla.model.action_spaces import ActionSpace, build_action_space
 from xvla.model.florence import EncodedObservation, FlorenceEncoder
-from xvla.model.flow import FlowObjective, get_objective, stratified_t
+from xvla.model.flow import FlowObjective, Inpainting, get_objective, stratified_t
 from xvla.model.transformer import SoftPromptedTransformer
 
 
@@ -192,14 +192,22 @@ class XVLA(nn.Module):
     # -------------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
-        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
+        self,
+        batch: dict[str, Tensor],
+        *,
+        steps: int | None = None,
+        noise: Tensor | None = None,
+        inpaint: Inpainting | None = None,
     ) -> Tensor:
         """Action chunk [B, T, A_out] (post-processed: gripper sigmoid for x0 models, `auto` trimmed), on the eager
-        reference path. `xvla.model.fast.sampling.fast_generator(model)` has the same contract and noise injection
-        with static shapes, a CUDA graph and 16-bit weights on GPU."""
+        reference path. `inpaint`: actions the chunk must continue (`xvla.model.flow`, "Inpainting").
+        `xvla.model.fast.sampling.fast_generator(model)` has the same contract and noise injection with static
+        shapes, a CUDA graph and 16-bit weights on GPU."""
         self._check_batch(batch, training=False)
         encoded = self._encode_batch(batch)
-        return self.sample(encoded, batch["proprio"], batch["domain_id"], steps=steps, noise=noise)
+        return self.sample(
+            encoded, batch["proprio"], batch["domain_id"], steps=steps, noise=noise, inpaint=inpaint
+        )
 
     def sample(
         self,
@@ -209,6 +217,7 @@ class XVLA(nn.Module):
         *,
         steps: int | None = None,
         noise: Tensor | None = None,
+        inpaint: Inpainting | None = None,
     ) -> Tensor:
         """Denoising loop on precomputed features (host-sync free). Returns the post-processed chunk."""
         steps = steps or self.config.num_steps
@@ -222,6 +231,10 @@ class XVLA(nn.Module):
                 dtype=encoded.vlm_features.dtype,
             )
         _check_draw("noise", noise, (b, self.config.num_actions, self.action_space.dim))
+        guide = None
+        if inpaint is not None:
+            inpaint.check(b, self.config.num_actions, self.action_space.input_dim)
+            guide = self.objective.guidance(inpaint, self.action_space, noise.dtype)
 
         # Precompute what does not change across steps: context tokens, prompts, mask, preprocessed proprio.
         ctx = self.transformer.context(
@@ -237,7 +250,7 @@ class XVLA(nn.Module):
         def net(x_t: Tensor, t: Tensor) -> Tensor:
             return self.transformer.run(ctx, self.action_input(x_t), proprio_in, t)
 
-        return self.objective.finish(self.objective.sample(net, noise, steps), self.action_space)
+        return self.objective.finish(self.objective.sample(net, noise, steps, guide), self.action_space)
 
     # ------------------------------------------------------------------------------------------ domains/groups
     def grow_domains(self, n_new: int, init_from: int | None = None) -> list[int]:

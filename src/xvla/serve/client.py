@@ -7,6 +7,17 @@
 
 A dropped connection or a timeout is retried on a fresh connection (inference requests are idempotent);
 a request the server rejects raises `ServerError` with the server's message at once.
+
+At the control rate, with an execution strategy (`xvla.serve.execution`):
+
+    client = PolicyClient(host, port, execution=RealTimeChunking(execute_steps=8))
+    while running:
+        robot.apply(client.step(observe()))   # one action per tick; the next chunk is computed meanwhile
+    client.reset()                            # new episode
+
+`step` counts ticks, requests chunks on a background thread (synchronous: waits for them), measures each
+reply's delay in ticks and sends it with the next request; the server keeps the connection's plan and latency
+estimate. A reconnect starts a fresh server session (the next chunk is then not inpainted).
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import ClientConnection, connect
 
+from xvla.serve.execution import Executor, Strategy, Synchronous, ThreadedRequester, strategy_to_dict
 from xvla.serve.protocol import packb, unpackb
 
 logger = logging.getLogger(__name__)
@@ -44,6 +57,7 @@ class PolicyClient:
         retries: int = 3,
         retry_delay_s: float = 0.5,
         max_reply_mb: float = 64.0,
+        execution: Strategy = Synchronous(),
     ) -> None:
         self.uri = host if host.startswith(("ws://", "wss://")) else f"ws://{host}"
         if port is not None:
@@ -56,6 +70,9 @@ class PolicyClient:
         self.max_reply_bytes = int(max_reply_mb * 2**20)
         self._conn: ClientConnection | None = None
         self.metadata: dict[str, Any] = {}
+        self.execution = execution
+        self._requester = ThreadedRequester(self.infer)
+        self.executor = Executor(execution, self._requester)
         self._connect()
 
     def _connect(self) -> None:
@@ -79,7 +96,21 @@ class PolicyClient:
             conn.close()
             raise ServerError(f"server at {self.uri} sent an error instead of metadata: {first}")
         self.metadata = unpackb(first)
+        try:
+            self._select_execution(conn)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
+
+    def _select_execution(self, conn: ClientConnection) -> None:
+        """Start a fresh server session for `execution` (the synchronous default needs none)."""
+        if isinstance(self.execution, Synchronous):
+            return
+        conn.send(packb({"execution": strategy_to_dict(self.execution)}))
+        ack = conn.recv(timeout=self.connect_timeout_s)
+        if isinstance(ack, str):
+            raise ServerError(f"server at {self.uri} refused the execution strategy: {ack}")
 
     def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         """Send one observation, return the server's reply (`actions`, `server_timing`, ...)."""
@@ -112,6 +143,22 @@ class PolicyClient:
             self.close()
             time.sleep(self.retry_delay_s * (attempt + 1))
         raise ConnectionError(f"no reply from {self.uri} after {self.retries + 1} attempts: {last_error}")
+
+    def step(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """The action of this control tick under `execution` (module doc); call once per tick."""
+        return self.executor.step(obs)
+
+    def reset(self) -> None:
+        """New episode: drop the plan and the ticks here and the session on the server."""
+        self._requester.wait_idle()
+        self.executor.reset()
+        try:
+            if self._conn is not None:
+                self._select_execution(self._conn)
+                return
+        except (ConnectionClosed, OSError, TimeoutError):
+            self.close()
+        self._connect()
 
     def close(self) -> None:
         if self._conn is not None:

@@ -5,9 +5,11 @@ native state and camera images in, native actions at its control rate out), else
 the authors name them, the 30 canonical anchors out). Either way the same `ObservationTransform` (train=False) as
 training builds the model batch.
 
-`step(obs)` drives a robot one action at a time from a chunk queue (re-querying when `execute_steps` actions
-have been used); with ``proprio_mode="open_loop"`` (the authors' clients) the proprio of each new query is
-the last executed predicted pose instead of the sensed one.
+`step(obs)` drives a robot one action per control tick with an execution strategy (`xvla.serve.execution`:
+synchronous by default, temporal ensembling, real-time chunking), through the same `Executor` and `Session` as
+the client and the server; `latency_steps` simulates an inference delay in ticks (evaluation). With
+``proprio_mode="open_loop"`` (the authors' clients) the proprio of each new query is the last executed predicted
+pose instead of the sensed one.
 """
 
 from __future__ import annotations
@@ -28,26 +30,26 @@ from xvla.data.sources import Mixture, Source
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.checkpoint import SOURCES_NAME, read_sources, resolve_folder
 from xvla.model.fast.sampling import fast_generator
+from xvla.model.flow import Inpainting
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.serve.codecs import RAW, SOURCE, Codec, Prepared
 from xvla.serve.codecs.base import MAX_STEPS
-from xvla.serve.protocol import RequestError
+from xvla.serve.execution import STRATEGIES, Executor, SimulatedLatency, Strategy, Synchronous
+from xvla.serve.protocol import NonFiniteActionError, RequestError, check_finite_reply
+from xvla.serve.session import Session
 
 logger = logging.getLogger(__name__)
 
 ProprioMode = Literal["sensed", "open_loop"]
 
 
-class NonFiniteActionError(RuntimeError):
-    """The model's output for a request holds NaN or inf: it is never sent to a robot."""
-
-
 @dataclass(frozen=True)
 class PolicyConfig:
     steps: int = 10  # denoising steps per query (a raw request may override with `steps`)
     proprio_mode: ProprioMode = "sensed"  # "open_loop": next query's proprio = last executed predicted pose
-    execute_steps: int | None = None  # actions `step()` executes per query; None = the whole chunk
+    execution: Strategy = Synchronous()  # how `step()` turns chunks into actions
+    latency_steps: int = 0  # `step()`: replies arrive this many control ticks after their query (simulated)
     seed: int | None = None  # fixed noise for every request (reproducible serving); None = fresh noise
     fast: bool | None = None  # model's fast inference path; None = on for CUDA devices, off elsewhere
 
@@ -58,8 +60,12 @@ class PolicyConfig:
             raise ValueError(
                 f"PolicyConfig.proprio_mode: expected 'sensed' or 'open_loop', got {self.proprio_mode!r}"
             )
-        if self.execute_steps is not None and self.execute_steps < 1:
-            raise ValueError(f"PolicyConfig.execute_steps: expected >= 1 or None, got {self.execute_steps}")
+        if not isinstance(self.execution, tuple(STRATEGIES.values())):
+            raise ValueError(
+                f"PolicyConfig.execution: expected one of {sorted(STRATEGIES)} strategies, got {self.execution!r}"
+            )
+        if self.latency_steps < 0:
+            raise ValueError(f"PolicyConfig.latency_steps: expected >= 0, got {self.latency_steps}")
 
 
 def load_sources(folder: str | Path) -> dict[str, Source]:
@@ -96,8 +102,12 @@ class Policy:
         self.codec: Codec = RAW if source is None else SOURCE  # the format of this policy's requests
         # The fast path is the default on GPU (where it pays: CUDA graph, 16-bit weights); eager elsewhere.
         self.fast = self.device.type == "cuda" if config.fast is None else config.fast
-        self._queue: list[np.ndarray] = []
-        self._next_proprio: np.ndarray | None = None
+        self.session = Session(config.execution, model.config.num_actions)
+        self.executor = Executor(
+            config.execution,
+            SimulatedLatency(self._answer_step, config.latency_steps),
+            hold=self._hold if source is not None else None,
+        )
 
     # ------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -109,7 +119,8 @@ class Policy:
         steps: int = 10,
         *,
         proprio_mode: ProprioMode = "sensed",
-        execute_steps: int | None = None,
+        execution: Strategy = Synchronous(),
+        latency_steps: int = 0,
         seed: int | None = None,
         fast: bool | None = None,
         revision: str | None = None,
@@ -124,20 +135,25 @@ class Policy:
         if isinstance(source, str):
             source = _resolve_source(source, sources, folder)
         config = PolicyConfig(
-            steps=steps, proprio_mode=proprio_mode, execute_steps=execute_steps, seed=seed, fast=fast
+            steps=steps,
+            proprio_mode=proprio_mode,
+            execution=execution,
+            latency_steps=latency_steps,
+            seed=seed,
+            fast=fast,
         )
         return cls(
             model, load_tokenizer(folder), source=source, sources=sources, config=config, device=device
         )
 
-    def with_source(self, source: Source | None) -> Policy:
-        """A policy for another robot description sharing this model, tokenizer and settings."""
+    def with_source(self, source: Source | None, config: PolicyConfig | None = None) -> Policy:
+        """A policy for another robot description (or other settings) sharing this model and tokenizer."""
         return Policy(
             self.model,
             self.tokenizer,
             source=source,
             sources=self.sources,
-            config=self.config,
+            config=config or self.config,
             device=self.device,
         )
 
@@ -222,19 +238,32 @@ class Policy:
             batch = {k: v.to(self.device) for k, v in collate([prepared[i].inputs for i in idx]).items()}
             noise = self._noise(len(idx)).to(self.device)
             generate = fast_generator(self.model) if self.fast else self.model.generate
-            chunk = generate(batch, steps=steps, noise=noise)
+            chunk = generate(
+                batch, steps=steps, noise=noise, inpaint=self._inpainting([prepared[i] for i in idx])
+            )
             for i, a in zip(idx, chunk.float().cpu().numpy(), strict=True):
                 anchors[i] = a
         replies = [p.codec.encode(p, a) for p, a in zip(prepared, anchors, strict=True)]
         for i, reply in enumerate(replies):
-            for key, value in reply.items():
-                if isinstance(value, np.ndarray) and not np.isfinite(value).all():
-                    which = f" (request {i} of a batch of {len(replies)})" if len(replies) > 1 else ""
-                    raise NonFiniteActionError(
-                        f"the model produced non-finite {key} (NaN or inf){which}; they are not returned "
-                        "(check the checkpoint's weights and the request's magnitudes)"
-                    )
+            check_finite_reply(
+                reply, f" (request {i} of a batch of {len(replies)})" if len(replies) > 1 else ""
+            )
         return replies
+
+    def _inpainting(self, prepared: Sequence[Prepared]) -> Inpainting | None:
+        """The batch's inpainting targets (weight 0, which changes nothing, for requests without); None if none
+        has one: the sampler then runs exactly as without execution strategies."""
+        if all(p.inpaint is None for p in prepared):
+            return None
+        t, dim = self.model.config.num_actions, self.model.action_space.input_dim
+        actions, weight = (
+            np.zeros((len(prepared), t, dim), np.float32),
+            np.zeros((len(prepared), t), np.float32),
+        )
+        for i, p in enumerate(prepared):
+            if p.inpaint is not None:
+                actions[i], weight[i] = p.inpaint
+        return Inpainting(torch.from_numpy(actions).to(self.device), torch.from_numpy(weight).to(self.device))
 
     # ------------------------------------------------------------------------------------------------ public
     def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,20 +275,27 @@ class Policy:
         return self.run([self.prepare(obs) for obs in observations])
 
     def step(self, obs: Mapping[str, Any]) -> np.ndarray:
-        """One native action; queries the model when the queue is empty (every `execute_steps` actions)."""
-        if not self._queue:
-            override = self._next_proprio if self.config.proprio_mode == "open_loop" else None
-            reply = self.run([self.prepare(obs, proprio=override)])[0]
-            n = min(self.config.execute_steps or len(reply["actions"]), len(reply["actions"]))
-            self._queue = list(reply["actions"][:n])
-            predicted = reply.get("canonical", reply["actions"])
-            self._next_proprio = np.asarray(predicted[n - 1], dtype=np.float64)
-        return self._queue.pop(0)
+        """The native action of this control tick under `config.execution` (module doc)."""
+        return self.executor.step(obs)
 
     def reset(self) -> None:
-        """Forget the action queue and the open-loop pose (call at every episode start)."""
-        self._queue = []
-        self._next_proprio = None
+        """Forget plans, ticks, delays and the open-loop pose (call at every episode start)."""
+        self.session = Session(self.config.execution, self.model.config.num_actions)
+        self.executor.reset()
+
+    def _answer_step(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One `step` query through this policy's session (what the server does per connection)."""
+        last = self.executor.last_canonical
+        override = last if self.config.proprio_mode == "open_loop" else None
+        prepared = self.session.attach(self.prepare(request, proprio=override), request)
+        return self.session.finish(prepared, self.run([prepared])[0])
+
+    def _hold(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """The native action that keeps the robot where it is (what waiting for a reply means)."""
+        source = self.source
+        assert source is not None
+        state = np.asarray(obs["state"], dtype=np.float64)
+        return source.canonical_to_native(source.state_to_canonical(state)[None], state)[0].astype(np.float32)
 
 
 def _resolve_source(name: str, sources: Mapping[str, Source], folder: Path) -> Source:
@@ -281,3 +317,6 @@ def _resolve_source(name: str, sources: Mapping[str, Source], folder: Path) -> S
     raise ValueError(
         f"source {name!r}: not in {folder / SOURCES_NAME} (known: {sorted(sources)}) and not a source file"
     )
+
+
+__all__ = ["NonFiniteActionError", "Policy", "PolicyConfig", "ProprioMode", "load_sources"]

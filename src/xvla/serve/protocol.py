@@ -31,6 +31,20 @@ class RequestError(ValueError):
     """A request the server rejects; the message names the field and what was expected."""
 
 
+class NonFiniteActionError(RuntimeError):
+    """The model's output for a request holds NaN or inf: it is never sent to a robot."""
+
+
+def check_finite_reply(reply: Mapping[str, Any], which: str = "") -> None:
+    """Raise NonFiniteActionError if any array of a reply holds NaN or inf (`which` names the request)."""
+    for key, value in reply.items():
+        if isinstance(value, np.ndarray) and not np.isfinite(value).all():
+            raise NonFiniteActionError(
+                f"the model produced non-finite {key} (NaN or inf){which}; they are not returned "
+                "(check the checkpoint's weights and the request's magnitudes)"
+            )
+
+
 def _pack_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "biuf":

@@ -10,7 +10,9 @@ fail is retried alone, so it fails by itself.
 
 WebSocket protocol (wire-compatible with `openpi_client.websocket_client_policy.WebsocketClientPolicy`):
 on connect the server sends the policy metadata (msgpack); each binary msgpack observation is answered with a
-msgpack dict holding `actions` and `server_timing`; a bad request is answered with a text frame naming the
+msgpack dict holding `actions` and `server_timing`; a message ``{"execution": {"strategy": ...}}`` selects the
+connection's execution strategy (`xvla.serve.execution`; answered with ``{"execution": {...}}``) and starts a
+fresh per-connection `Session`, freed when the connection closes; a bad request is answered with a text frame naming the
 problem and the connection stays open. A message over the size limit closes that connection with code 1009
 and a reason naming the size (the frame is never read into memory); the server keeps serving.
 
@@ -42,8 +44,10 @@ from websockets.http11 import Response
 from xvla.serve import http
 from xvla.serve.codecs import ACT, Codec
 from xvla.serve.connection import Connection
+from xvla.serve.execution import strategy_from_dict, strategy_to_dict
 from xvla.serve.limits import Limits
 from xvla.serve.protocol import RequestError, packb
+from xvla.serve.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +160,24 @@ class Batcher:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, obs: Any, codec: Codec) -> dict[str, Any]:
+    async def submit(self, obs: Any, codec: Codec, session: Session | None = None) -> dict[str, Any]:
         """Validate and queue one request in `codec`'s format; returns the policy's reply plus `server_timing`,
-        or raises RequestError naming the problem."""
+        or raises RequestError naming the problem. With a connection's `session` (an execution strategy), the
+        request goes through it on the validation thread before and after the model."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        prepared = await loop.run_in_executor(
-            self._prep, functools.partial(self.policy.prepare, obs, codec=codec)
-        )
+        prepared = await loop.run_in_executor(self._prep, self._prepare, obs, codec, session)
         now = time.perf_counter()
         job = _Job(prepared, loop.create_future(), now, (now - start) * 1000.0)
         await self._queue.put(job)
-        return await job.future
+        reply = await job.future
+        if session is None:
+            return reply
+        return await loop.run_in_executor(self._prep, session.finish, prepared, reply)
+
+    def _prepare(self, obs: Any, codec: Codec, session: Session | None) -> Any:
+        prepared = self.policy.prepare(obs, codec=codec)
+        return prepared if session is None else session.attach(prepared, obs)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -253,7 +263,10 @@ class PolicyServer:
         self.config = config
         self.port: int | None = None
         self._batcher: Batcher | None = None
-        self._metadata = packb(dict(policy.metadata))
+        metadata = dict(policy.metadata)
+        self._metadata = packb(metadata)
+        self._num_anchors = int(metadata.get("num_anchors", 30))
+        self._sessions: set[Session | None] = set()
         self.limits = Limits(config.max_connections, config.max_buffered_bytes)
 
     async def serve(
@@ -332,6 +345,16 @@ class PolicyServer:
         obs = await asyncio.to_thread(codec.loads, data)
         return codec.dumps(await self._batcher.submit(obs, codec))
 
+    def _select(self, obs: Any) -> Session:
+        """A connection's ``{"execution": {"strategy": ..., ...}}`` message -> its new session (RequestError)."""
+        if not isinstance(obs, Mapping) or set(obs) != {"execution"}:
+            raise RequestError("an execution message holds only the key 'execution'")
+        try:
+            strategy = strategy_from_dict(obs["execution"])
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        return Session(strategy, self._num_anchors)
+
     async def _act(self, body: bytes) -> Response:
         """The authors' `POST /act` (`codecs.act`)."""
         try:
@@ -344,7 +367,10 @@ class PolicyServer:
             )
 
     async def _handle_ws(self, conn: ServerConnection) -> None:
+        """One WebSocket connection. Its execution session (if the client selects a strategy) lives in this
+        scope only: nothing outside refers to it once the connection ends, whatever was in flight."""
         assert self._batcher is not None
+        session: Session | None = None
         try:
             await conn.send(self._metadata)
             async for message in conn:
@@ -353,7 +379,15 @@ class PolicyServer:
                 try:
                     if isinstance(message, str):
                         raise RequestError("expected a binary msgpack message, got a text frame")
-                    reply = await self._answer(self.policy.codec, message)
+                    codec = self.policy.codec
+                    obs = await asyncio.to_thread(codec.loads, message)  # off the loop, as `_answer`
+                    if isinstance(obs, Mapping) and "execution" in obs:  # (re)select: a fresh session
+                        self._sessions.discard(session)
+                        session = self._select(obs)
+                        self._sessions.add(session)
+                        reply = packb({"execution": strategy_to_dict(session.strategy)})
+                    else:
+                        reply = codec.dumps(await self._batcher.submit(obs, codec, session))
                 except RequestError as err:
                     await conn.send(f"invalid request: {err}")
                     continue
@@ -367,6 +401,13 @@ class PolicyServer:
                 await conn.send(reply)
         except ConnectionClosed:
             pass
+        finally:
+            self._sessions.discard(session)
+
+    @property
+    def open_sessions(self) -> int:
+        """Connections holding an execution session now."""
+        return len(self._sessions)
 
 
 def _bound_port(server: Server) -> int:

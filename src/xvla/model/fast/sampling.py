@@ -17,7 +17,9 @@ Measurements and design notes: docs/performance.md.
   length, steps) and replayed; batches are padded to power-of-two buckets so a server's dynamic batch sizes need
   few graphs; optionally (`compile=True`, everywhere) `torch.compile` of the encoder and of one step;
 - the noise is drawn exactly as `XVLA.generate` draws it (same shape, fp32 when the eager model is fp32), so
-  both paths agree on the same inputs up to the cast precision.
+  both paths agree on the same inputs up to the cast precision;
+- inpainting (`inpaint=`, real-time chunking) is the objective's same `guide` after every step; a chunk with and
+  one without it are different graphs (the guide tensors are extra static inputs).
 
 Any failure to compile or capture logs a warning and falls back to the static eager code (`FastGenerator.mode`
 says which path runs).
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 
 from xvla.model.fast.dynamo import raise_recompile_limit
 from xvla.model.florence import EncodedObservation, key_masks
+from xvla.model.flow import Inpainting
 from xvla.model.transformer import timestep_embedding
 from xvla.model.xvla import XVLA, _check_draw
 
@@ -47,7 +50,17 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
-INPUT_KEYS = ("pixel_values", "image_mask", "input_ids", "attention_mask", "proprio", "domain_id", "noise")
+INPUT_KEYS = (
+    "pixel_values",
+    "image_mask",
+    "input_ids",
+    "attention_mask",
+    "proprio",
+    "domain_id",
+    "noise",
+    "guide_target",  # inpainting (`xvla.model.flow.Inpainting`), in the sampler's space; None without
+    "guide_weight",
+)
 
 
 @dataclass(frozen=True)
@@ -252,6 +265,8 @@ class FastGenerator:
         proprio: Tensor,
         domain_id: Tensor,
         noise: Tensor,
+        guide_target: Tensor | None,
+        guide_weight: Tensor | None,
         *,
         steps: int,
     ) -> Tensor:
@@ -275,6 +290,8 @@ class FastGenerator:
             for k, tk in enumerate(grid):
                 x_in = objective.net_input(state, noise, tk) * self._keep_x
                 pred = self._step_fn(x_in, w_x, base + t_term[:, k : k + 1], ctx.tokens, ctx.mask, domain_id)
+                if guide_target is not None and guide_weight is not None:
+                    pred = objective.guide(state, pred, tk, (guide_target, guide_weight))
                 state = objective.step(state, pred, steps)
             return state
 
@@ -293,7 +310,12 @@ class FastGenerator:
     # ----------------------------------------------------------------------------------------------- public
     @torch.inference_mode()
     def __call__(
-        self, batch: dict[str, Tensor], *, steps: int | None = None, noise: Tensor | None = None
+        self,
+        batch: dict[str, Tensor],
+        *,
+        steps: int | None = None,
+        noise: Tensor | None = None,
+        inpaint: Inpainting | None = None,
     ) -> Tensor:
         """Post-processed chunk [B, T, A_out], as `XVLA.generate` returns (in the eager model's dtype)."""
         if self.options.validate:
@@ -305,7 +327,12 @@ class FastGenerator:
         if noise is None:  # the draw XVLA.generate makes (encoding consumes no random numbers in eval)
             noise = torch.randn(shape, device=self.device, dtype=out_dtype)
         _check_draw("noise", noise, shape)
-        inputs = {k: (noise if k == "noise" else batch.get(k)) for k in INPUT_KEYS}
+        extra: dict[str, Tensor | None] = {"noise": noise, "guide_target": None, "guide_weight": None}
+        if inpaint is not None:
+            inpaint.check(b, shape[1], self.model.action_space.input_dim)
+            target, weight = self.net.objective.guidance(inpaint, self.net.action_space, self.act_dtype)
+            extra.update(guide_target=target, guide_weight=weight)
+        inputs = {k: (extra[k] if k in extra else batch.get(k)) for k in INPUT_KEYS}
         inputs = {k: None if v is None else v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         raw = self._graph_chunk(inputs, steps) if self.use_graph else None
         if raw is None:

@@ -46,6 +46,9 @@ class Prepared:
     codec: Codec  # the format it came in, which writes its reply
     source: Source | None = None  # the robot of a Source request
     state: np.ndarray | None = None  # its native reference state [S]
+    tick: int | None = None  # the client's control tick of the observation (execution strategies)
+    # real-time chunking (`serve.session`): canonical anchors [30, A] to continue and their weights [30]
+    inpaint: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Codec(ABC):
