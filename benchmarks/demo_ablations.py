@@ -74,6 +74,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "hidden-gripper": {"model_overrides": {**_DEMO_MODEL, "proprio_gripper": False}},
     "adapt-lr3e-4": {"adapt_lr": 3e-4},
     "adapt-lr2e-3": {"adapt_lr": 2e-3},
+    "adapt-lr5e-4": {"adapt_lr": 5e-4},
+    "adapt-steps300": {"adapt_steps": 300},
     # single-source overfit check (issue #12): the same budget on one robot alone
     "only-so100": {"pretrain_sources": ("so100_bimanual",)},
     "only-sawyer": {"pretrain_sources": ("mw_sawyer:button-press-topdown,drawer-open",)},
@@ -134,7 +136,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
     record = args.out / "arms" / f"{name}.json"
     if record.exists():
         return json.loads(record.read_text())
-    cfg = demo.SCALES[args.scale].replace(**ARMS[name])
+    cfg = demo.SCALES[args.scale].replace(seed=args.seed, **ARMS[name])
     key = training_key(cfg)
     rt = stages.Runtime(
         out=args.out / key,
@@ -150,7 +152,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
     summary_file = rt.out / "pretrain_summary.json"
     t0 = time.perf_counter()
     if args.pretrained is not None:
-        if key != training_key(demo.SCALES[args.scale]):
+        if key != training_key(demo.SCALES[args.scale].replace(seed=args.seed)):
             raise SystemExit(f"--pretrained: arm {name!r} changes pre-training; run it without --pretrained")
         summary = stages.training_summary(args.pretrained.parent.parent, args.pretrained)
     elif summary_file.exists():
@@ -236,6 +238,7 @@ def main() -> None:
     parser.add_argument(
         "--generate", action="store_true", help="generate missing datasets into --data (else they must exist)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="the demo seed (data, weights, evaluation seeds)")
     parser.add_argument("--episodes", type=int, default=20, help="evaluation episodes per task")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)

@@ -53,7 +53,7 @@ class DemoConfig:
     augment: dict[str, Any] = field(default_factory=lambda: {"color_jitter": True, "shift_px": 0})
     # -- pre-training
     # 2400 measured against 1200 in closed loop (docs/demo.md, item 21): 74/120 and 79/120 on the pre-training tasks
-    # over two seeds against 66/120 and 66/120 (SO-100 9/20 and 5/20 against 0/20); 21:31 from nothing on the Xeon.
+    # over two seeds against 66/120 and 66/120 (SO-100 9/20 and 5/20 against 0/20); about 21 minutes from nothing.
     pretrain_steps: int = 2400
     batch_size: int = 32
     # 1e-3 measured against 5e-4 in closed loop (docs/demo.md): the default run reached 54/120 vs 42/120 on the
