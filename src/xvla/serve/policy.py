@@ -32,15 +32,11 @@ from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.serve.codecs import RAW, SOURCE, Codec, Prepared
 from xvla.serve.codecs.base import MAX_STEPS
-from xvla.serve.protocol import RequestError
+from xvla.serve.protocol import NonFiniteActionError, RequestError
 
 logger = logging.getLogger(__name__)
 
 ProprioMode = Literal["sensed", "open_loop"]
-
-
-class NonFiniteActionError(RuntimeError):
-    """The model's output for a request holds NaN or inf: it is never sent to a robot."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ class RequestError(ValueError):
     """A request the server rejects; the message names the field and what was expected."""
 
 
+class NonFiniteActionError(RuntimeError):
+    """The model's output for a request holds NaN or inf: it is never sent to a robot."""
+
+
 def _pack_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "biuf":
