@@ -136,6 +136,8 @@ def test_bad_inputs_are_refused_by_name(small: Exported) -> None:
         run({**inputs, "input_ids": inputs["input_ids"][:, :5]})
     with pytest.raises(ValueError, match=r"domain_id: expected values in \[0, 4\)"):
         run({**inputs, "domain_id": np.array([0, 4])})
+    with pytest.raises(ValueError, match=r"input_ids: token ids must lie in \[0, 300\)"):
+        run({**inputs, "input_ids": np.full((2, 12), 300)})
     with pytest.raises(KeyError, match="proprio"):
         run({k: v for k, v in inputs.items() if k != "proprio"})
     with pytest.raises(ValueError, match="proprio: contains NaN"):

@@ -101,6 +101,7 @@ def _manifest() -> Manifest:
         num_views=3,
         image_size=64,
         max_text_len=12,
+        vocab_size=300,
         proprio_dim=20,
         num_domains=4,
         domains={"arm": 2},

@@ -20,6 +20,7 @@ traced a batch-dependent constant into the DaViT encoder and gave wrong features
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -202,6 +203,9 @@ def export_onnx(
 
     checkpoint_dir: any layout `XVLA.from_pretrained` reads (its `sources.json` names the domains in the
     manifest); steps: the runtime's default sampler steps (default config.num_steps); opset: >= 17."""
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {missing}: pip install 'xvla[onnx]'")
     if opset < 17:
         raise ValueError(f"opset: expected >= 17 (LayerNormalization), got {opset}")
     if steps is not None and steps < 1:
@@ -237,6 +241,7 @@ def export_onnx(
         num_views=cfg.num_views,
         image_size=cfg.image_size,
         max_text_len=cfg.max_text_len,
+        vocab_size=cfg.text.vocab_size,
         proprio_dim=cfg.proprio_dim,
         num_domains=model.num_domains,
         domains={name: int(spec["domain_id"]) for name, spec in read_sources(folder).items()},

@@ -81,6 +81,7 @@ class Manifest:
     num_views: int
     image_size: int
     max_text_len: int
+    vocab_size: int
     proprio_dim: int
     num_domains: int
     domains: dict[str, int] = field(default_factory=dict)  # source name -> domain id (from sources.json)
@@ -188,7 +189,9 @@ class OnnxGenerator:
         self.folder = Path(folder)
         path = self.folder / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"not an ONNX export: {path} is missing (write one with xvla export)")
+            raise FileNotFoundError(
+                f"not an ONNX export: {path} is missing (write one with `xvla export CKPT OUT --format onnx`)"
+            )
         ort = _import_onnxruntime()
         self.manifest = Manifest.from_dict(json.loads(path.read_text()))
         sampler = self.manifest.sampler
@@ -214,7 +217,7 @@ class OnnxGenerator:
     def prepare(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validated encoder inputs (dtypes cast, views padded to num_views); raises ValueError naming the field."""
         m = self.manifest
-        needed = [*m.encoder_inputs, "proprio"]
+        needed = list(dict.fromkeys([*m.encoder_inputs, "domain_id", "proprio"]))  # the step graph's too
         missing = [k for k in needed if k not in inputs]
         if missing:
             raise KeyError(f"model inputs are missing {missing}; expected keys {needed}")
@@ -240,9 +243,11 @@ class OnnxGenerator:
         for k, shape in expected.items():
             if k in arrays and arrays[k].shape != shape:
                 raise ValueError(f"{k}: expected shape {shape}, got {arrays[k].shape}")
-        dom = arrays["domain_id"]
+        dom, ids = arrays["domain_id"], arrays["input_ids"]
         if dom.size and (dom.min() < 0 or dom.max() >= m.num_domains):
             raise ValueError(f"domain_id: expected values in [0, {m.num_domains}), got {dom.tolist()}")
+        if ids.size and (ids.min() < 0 or ids.max() >= m.vocab_size):
+            raise ValueError(f"input_ids: token ids must lie in [0, {m.vocab_size}) (the model's vocabulary)")
         if not np.isfinite(arrays["proprio"]).all():
             raise ValueError("proprio: contains NaN or inf")
         if not np.isfinite(pv).all():
