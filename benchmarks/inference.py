@@ -1,13 +1,16 @@
 """Inference latency: the eager model (`XVLA.generate`, the path the parity fixtures check) vs the fast path
-(`xvla.model.fast.sampling.FastGenerator`), side by side in one run, random weights and inputs.
+(`xvla.model.fast.sampling.FastGenerator`) and the ONNX export run by onnxruntime (`xvla.model.onnx_export` +
+`xvla.serve.onnx_runtime`), side by side in one run, random weights and inputs.
 
     PYTHONPATH=src python benchmarks/inference.py --preset xvla-0.9b --device cuda        # H100: batch 1 and 8
     PYTHONPATH=src python benchmarks/inference.py --preset tiny --device cpu --iters 30   # CPU
 
-Before anything is timed every fast variant is checked against eager fp32 on the same inputs and noise
+Before anything is timed every fast or ONNX variant is checked against eager fp32 on the same inputs and noise
 (relative error < 1e-2; a variant that fails is reported and not timed, and the exit status is 1). Then each
 variant runs `--warmup` calls (excluded) and `--iters` timed calls, the variants taking turns call by call (CUDA
-events on GPU, synchronised timers on CPU); setup (compile, graph capture) is measured on its own. Prints a table and writes
+events on GPU, synchronised timers on CPU); setup (compile, graph capture, ONNX export) is measured on its own. The ONNX
+variant runs when onnx, onnxscript and onnxruntime are installed (`pip install 'xvla[onnx]'`), on CPU, or on CUDA
+with onnxruntime-gpu's CUDA provider; it gets numpy inputs prepared outside the timed call. Prints a table and writes
 benchmarks/results/inference_<preset>_<device>.json.
 """
 
@@ -15,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,14 +30,43 @@ import torch
 import _common as C
 from xvla.model.fast.flops import count_flops, weight_bytes
 from xvla.model.fast.sampling import FastGenerator, FastOptions
+from xvla.model.xvla import XVLA
 
 TOLERANCE = 1e-2
 PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # HBM bandwidth, TB/s
 
 
-def variants(device: torch.device, compile_: str) -> list[tuple[str, FastOptions | str]]:
-    """(name, options); strings name the eager references. The first fast variant is the default path."""
+def onnx_providers(device: torch.device) -> list[str] | None:
+    """onnxruntime's execution providers for `device`, None where the ONNX variant cannot run here."""
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        return None
+    import onnxruntime
+
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+
+
+def onnx_runtime(model: XVLA, providers: list[str], root: Path) -> Any:
+    """`model` saved, exported (`export_onnx`) and loaded by the torch-free runtime, one intra-op thread per
+    torch thread."""
+    from xvla.model.onnx_export import export_onnx
+    from xvla.serve.onnx_runtime import OnnxGenerator
+
+    model.save_pretrained(root / "checkpoint")
+    export_onnx(root / "checkpoint", root / "onnx")
+    return OnnxGenerator(root / "onnx", providers=providers, threads=torch.get_num_threads())
+
+
+def variants(device: torch.device, compile_: str, onnx: str) -> list[tuple[str, FastOptions | str]]:
+    """(name, options); strings name the eager references and the ONNX runtime. The first fast variant is the
+    default path."""
     with_compile = compile_ != "off"
+    providers = onnx_providers(device) if onnx != "off" else None
+    if onnx == "on" and providers is None:
+        raise SystemExit(f"--onnx on: needs onnx, onnxscript and onnxruntime (with a provider for {device})")
+    with_onnx: list[tuple[str, FastOptions | str]] = [("onnxruntime fp32", "onnx")] if providers else []
     if device.type == "cuda":
         out: list[tuple[str, FastOptions | str]] = [
             ("eager-fp32", "eager"),
@@ -43,7 +78,7 @@ def variants(device: torch.device, compile_: str) -> list[tuple[str, FastOptions
         ]
         if with_compile:
             out.append(("fast fp16+compile+graph", FastOptions(compile=True)))
-        return out
+        return out + with_onnx
     out = [
         ("eager-fp32", "eager"),
         ("fast-static fp32 (default)", FastOptions()),
@@ -51,7 +86,7 @@ def variants(device: torch.device, compile_: str) -> list[tuple[str, FastOptions
     ]
     if with_compile:
         out.append(("fast fp32+compile", FastOptions(compile=True)))
-    return out
+    return out + with_onnx
 
 
 def profile_top(fn: Any, device: torch.device, rows: int) -> list[dict[str, Any]]:
@@ -89,7 +124,13 @@ def main() -> int:
     p.add_argument(
         "--compile", choices=("auto", "on", "off"), default="auto", help="include the compiled variant"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--onnx",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="include the ONNX export run by onnxruntime (auto: when it is installed)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) CPU threads")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--profile", type=int, default=0, help="print the top N ops of one call per variant")
     p.add_argument("--out", default=None)
@@ -116,6 +157,8 @@ def main() -> int:
     )
 
     bf16_model = None
+    onnx_gen: Any = None
+    onnx_dir = tempfile.TemporaryDirectory(prefix="xvla_onnx_")
     gens: dict[str, FastGenerator] = {}
     rows: list[dict[str, Any]] = []
     failed = False
@@ -127,7 +170,7 @@ def main() -> int:
         ref = model.generate(batch, steps=args.steps, noise=noise)
         calls: list[tuple[Any, dict[str, Any]]] = []
         # 1) build and check every variant (setup = first call: compile, capture), 2) then time them.
-        for name, opt in variants(device, args.compile):
+        for name, opt in variants(device, args.compile, args.onnx):
             row: dict[str, Any] = {"variant": name, "batch": b, "steps": args.steps, "views": views}
             t0 = time.perf_counter()
             if opt == "eager":
@@ -138,6 +181,12 @@ def main() -> int:
                 batch16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
                 fn = partial(bf16_model.generate, batch16, steps=args.steps, noise=noise.bfloat16())
                 out, mode = fn(), "eager bf16 (reference, not checked)"
+            elif opt == "onnx":
+                providers = onnx_providers(device) or []
+                onnx_gen = onnx_gen or onnx_runtime(model, providers, Path(onnx_dir.name))
+                inputs = {k: v.cpu().numpy() for k, v in batch.items()}
+                fn = partial(onnx_gen.generate, inputs, noise.cpu().numpy(), steps=args.steps)
+                out, mode = torch.from_numpy(fn()).to(device), f"onnxruntime {providers[0]}"
             else:
                 gen = gens[name] = gens.get(name) or FastGenerator(model, opt)
                 fn = partial(gen, batch, steps=args.steps, noise=noise)
@@ -145,7 +194,7 @@ def main() -> int:
                 row.update(gen.stats)
             C.synchronize(device)
             row.update(mode=mode, setup_s=time.perf_counter() - t0, rel_err=C.relative_error(out, ref))
-            checked = isinstance(opt, FastOptions)
+            checked = isinstance(opt, FastOptions) or opt == "onnx"
             row["check"] = "ok" if not checked or row["rel_err"] < TOLERANCE else f"FAILED (> {TOLERANCE})"
             failed |= row["check"] != "ok" and "(default)" in name
             print(
@@ -172,6 +221,7 @@ def main() -> int:
                 r["speedup"] = eager_p50 / r["p50_ms"]
         del batch
 
+    onnx_dir.cleanup()
     C.print_table(
         rows,
         [
