@@ -3,7 +3,6 @@ and what a layout cannot hold is refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -242,14 +241,15 @@ def test_cli_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "not found" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("xvla.model.onnx_export") is not None, reason="the ONNX exporter is installed"
-)
-def test_onnx_without_its_exporter_is_a_clear_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_onnx_format_goes_to_the_onnx_exporter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert main(["export", str(tmp_path), str(tmp_path / "x"), "--format", "onnx"]) == 2
-    assert "no ONNX exporter" in capsys.readouterr().err
+    from xvla.model import onnx_export
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda ckpt, out: calls.append((ckpt, out)))
+    assert main(["export", str(tmp_path), str(tmp_path / "x"), "--format", "onnx"]) == 0
+    assert calls == [(str(tmp_path), str(tmp_path / "x"))]
     assert (
         main(["export", str(tmp_path), str(tmp_path / "x"), "--format", "onnx", "--layout", "lerobot"]) == 2
     )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -114,15 +113,9 @@ def _export(args: argparse.Namespace) -> int:
         if args.format == "onnx":
             if args.layout or args.tokenizer_name or args.domain:
                 raise ValueError("--layout, --tokenizer-name and --domain apply to --format safetensors only")
-            try:  # the ONNX exporter lives in its own module, imported only when asked for
-                onnx_export = importlib.import_module("xvla.model.onnx_export")
-            except ModuleNotFoundError as err:
-                if err.name != "xvla.model.onnx_export":
-                    raise
-                raise ValueError(
-                    "--format onnx: this installation has no ONNX exporter (xvla.model.onnx_export)"
-                ) from None
-            onnx_export.export_onnx(args.checkpoint, args.out)
+            from xvla.model.onnx_export import export_onnx  # imports onnx only when it exports
+
+            export_onnx(args.checkpoint, args.out)
         else:
             from xvla.model.export import export_checkpoint
 
