@@ -92,7 +92,9 @@ def test_soft_prompts_mode_trains_the_new_prompt_alone(tmp_path, datasets, base_
     before, after = grown.state_dict(), tuned.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"transformer.soft_prompt_hub.weight"}  # heads, VLM and transformer untouched
-    rows = (before["transformer.soft_prompt_hub.weight"] != after["transformer.soft_prompt_hub.weight"]).any(1)
+    rows = (before["transformer.soft_prompt_hub.weight"] != after["transformer.soft_prompt_hub.weight"]).any(
+        1
+    )
     assert rows.tolist() == [False] * 4 + [True]  # only the new domain's prompt moved
 
 

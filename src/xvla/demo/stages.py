@@ -27,13 +27,13 @@ class Runtime:
 
     out: Path
     data: Path  # generated datasets (cached between runs)
-    # The held-out robot's datasets when not in `data` (experiments keep one folder per demonstration count).
-    heldout_data: Path | None = None
     device: str  # "cpu" or "cuda"
     workers: int  # simulator processes (generation, oracle, evaluation)
     threads: int  # torch threads of the training process
     skip_generate: bool = False
     progress: bool = True
+    # The held-out robot's datasets when not in `data` (experiments keep one folder per demonstration count).
+    heldout_data: Path | None = None
 
 
 class _Console:
@@ -169,7 +169,9 @@ def generate_data(cfg: DemoConfig, rt: Runtime) -> dict[str, Path]:
                 progress=rt.progress,
             )
             mixture = Mixture.load(written)
-        mixture = Mixture(tuple(training_source(cfg, s, pretraining=key == "pretrain") for s in mixture.sources))
+        mixture = Mixture(
+            tuple(training_source(cfg, s, pretraining=key == "pretrain") for s in mixture.sources)
+        )
         paths[key] = mixture_dir / f"{key}.json"
         mixture.save(paths[key])
     return paths
@@ -369,14 +371,29 @@ def train_fresh(
     return train(tcfg, resume=resume), num_domains
 
 
-def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
+def pretrain(
+    cfg: DemoConfig,
+    rt: Runtime,
+    mixtures: Mapping[str, Path],
+    *,
+    validate_checkpoints: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train a fresh model with one domain per pre-training source (domain ids fixed by the suite)."""
     from xvla.model.xvla import XVLA
     from xvla.train import checkpointing as ckpt
 
     folder = rt.out / "pretrain"
     checkpoint, num_domains = train_fresh(
-        cfg, rt, mixtures["pretrain"], folder, cfg.pretrain_steps, cfg.lr, checkpoints=cfg.curve_points + 1
+        cfg,
+        rt,
+        mixtures["pretrain"],
+        folder,
+        cfg.pretrain_steps,
+        cfg.lr,
+        checkpoints=cfg.curve_points + 1,
+        validate_checkpoints=validate_checkpoints,
+        resume=resume,
     )
     summary = training_summary(folder, checkpoint)
     summary["curve_checkpoints"] = [
@@ -442,10 +459,23 @@ def adapt_heldout(
     return summary
 
 
-def train_scratch(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
-    """Control without pre-training: a fresh model trained on the held-out data alone, same steps."""
+def train_scratch(
+    cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], *, checkpoints: int = 1, resume: bool = False
+) -> dict[str, Any]:
+    """Control without pre-training: a fresh model trained on the held-out data alone, same steps (with
+    `checkpoints` > 1 the intermediate checkpoints are kept and validated)."""
     folder = rt.out / "scratch"
-    checkpoint, _ = train_fresh(cfg, rt, mixtures["heldout"], folder, cfg.adapt_steps, cfg.adapt_lr)
+    checkpoint, _ = train_fresh(
+        cfg,
+        rt,
+        mixtures["heldout"],
+        folder,
+        cfg.adapt_steps,
+        cfg.adapt_lr,
+        checkpoints=checkpoints,
+        validate_checkpoints=checkpoints > 1,
+        resume=resume,
+    )
     return training_summary(folder, checkpoint)
 
 
@@ -480,7 +510,11 @@ def evaluate_all(
         "adapted": (adapted["checkpoint"], adapted["domain_id"], cfg.eval_episodes),
     }
     if adapted["init_domain_id"] is not None:  # a random new domain has no pre-adaptation counterpart
-        conditions["pre_adaptation"] = (str(pretrained), adapted["init_domain_id"], cfg.pre_adaptation_episodes)
+        conditions["pre_adaptation"] = (
+            str(pretrained),
+            adapted["init_domain_id"],
+            cfg.pre_adaptation_episodes,
+        )
     if "scratch" in results:
         conditions["scratch"] = (results["scratch"]["checkpoint"], held.domain_id, cfg.eval_episodes)
     jobs = []
@@ -563,16 +597,22 @@ def eval_jobs(
     return [SimJob("eval", source.name, checkpoint, {**options, "task": t}, label) for t in tasks if episodes]
 
 
+def soft_prompts(checkpoint: Path) -> np.ndarray | None:
+    """The learned soft prompts, one row per domain: [num_domains, len_soft_prompts * hidden] float64 (None for
+    a model without prompts)."""
+    from xvla.model.xvla import XVLA
+
+    hub = XVLA.from_pretrained(checkpoint).transformer.soft_prompt_hub
+    return None if hub is None else hub.weight.detach().double().numpy()
+
+
 def soft_prompt_projection(checkpoint: Path, domains: Mapping[str, int]) -> dict[str, Any]:
     """PCA (numpy SVD) of the learned soft prompts: one point per domain (its prompt flattened to
     [len_soft_prompts * hidden]); returns 2-D points, explained variance, and each domain's cosine similarity
     to the held-out robot's prompt (the domain with the largest id, added last)."""
-    from xvla.model.xvla import XVLA
-
-    hub = XVLA.from_pretrained(checkpoint).transformer.soft_prompt_hub
-    if hub is None:
+    prompts = soft_prompts(checkpoint)
+    if prompts is None:
         return {}
-    prompts = hub.weight.detach().double().numpy()  # [num_domains, len_soft_prompts * hidden]
     centred = prompts - prompts.mean(0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     points = centred @ vt[:2].T
