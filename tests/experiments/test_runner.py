@@ -18,6 +18,9 @@ from xvla.experiments.runner import (
     run_experiment,
 )
 
+# The smoke grid trains and evaluates four cells (about 75 s on a busy 2-core machine, then about 25 s more).
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("mujoco")
 pytest.importorskip("robosuite")
 pytest.importorskip("sklearn")
@@ -117,3 +120,19 @@ def test_an_interrupted_training_run_resumes_from_its_checkpoint(
     assert history["step"][-1] == 4
     results = json.loads((folder / RESULTS_FILE).read_text())
     assert [p["step"] for p in results["curve"]] == [2, 4]
+
+
+def test_cells_side_by_side_in_worker_processes(
+    grid: tuple[Path, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    out, _ = grid
+    shutil.copytree(out / "data", tmp_path / "data")  # the generated datasets: generation is not under test
+    parallel = RunOptions(out=tmp_path, device="cpu", workers=2, threads=1, sim_workers=1, progress=False)
+    done = run_experiment("smoke", parallel, arms=["xvla", "ablated"])
+    assert sorted(done["ran"]) == ["smoke/ablated/seed_0", "smoke/xvla/seed_0"]
+    for key in done["ran"]:
+        assert (tmp_path / key / DONE_FILE).is_file()
+    # one thread per cell and the same seeds: the same training as the cells run one by one
+    for key in done["ran"]:
+        ours = json.loads((tmp_path / key / TRAIN_FILE).read_text())["final_loss"]
+        assert ours == json.loads((out / key / TRAIN_FILE).read_text())["final_loss"]

@@ -506,8 +506,7 @@ def evaluate_all(
     (held,) = Mixture.load(mixtures["heldout"]).sources
     untrained = save_untrained(cfg, pretrained, adapted["domain_id"] + 1, rt.out / "untrained")
     conditions: dict[str, tuple[str, int, int]] = {
-        "untrained": (str(untrained), adapted["domain_id"], cfg.untrained_episodes),
-        "adapted": (adapted["checkpoint"], adapted["domain_id"], cfg.eval_episodes),
+        "untrained": (str(untrained), adapted["domain_id"], cfg.untrained_episodes)
     }
     if adapted["init_domain_id"] is not None:  # a random new domain has no pre-adaptation counterpart
         conditions["pre_adaptation"] = (
@@ -515,6 +514,7 @@ def evaluate_all(
             adapted["init_domain_id"],
             cfg.pre_adaptation_episodes,
         )
+    conditions["adapted"] = (adapted["checkpoint"], adapted["domain_id"], cfg.eval_episodes)
     if "scratch" in results:
         conditions["scratch"] = (results["scratch"]["checkpoint"], held.domain_id, cfg.eval_episodes)
     jobs = []

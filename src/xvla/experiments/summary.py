@@ -240,7 +240,7 @@ def write_plots(summary: Mapping[str, Any], folder: Path) -> list[Path]:
                 ax.annotate(
                     f"{name}\n{d['robot']}", d[method], fontsize=7, xytext=(4, 4), textcoords="offset points"
                 )
-            ax.set_title(method.upper())
+            ax.set_title({"pca": "PCA", "tsne": "t-SNE"}[method])
         written.append(_save(fig, folder / f"prompts_{key.replace('/', '_')}.png"))
     if summary.get("proxy", {}).get("points"):
         fig, axes = plt.subplots(1, 2, figsize=(9, 4))
