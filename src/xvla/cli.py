@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "xvla.serve.cli",  # serve, replay
     "xvla.sim.cli",  # sim generate/eval
     "xvla.demo.cli",  # demo (the main job)
+    "xvla.experiments.cli",  # experiments (grids of demo runs)
 )
 
 

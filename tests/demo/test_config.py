@@ -54,7 +54,9 @@ def test_overrides_are_typed_and_named() -> None:
         ({"adapt_prompt_steps": DemoConfig().adapt_steps}, "adapt_prompt_steps"),  # must leave stage-2 steps
         ({"val_episodes": DemoConfig().episodes}, "val_episodes"),  # must leave training episodes
         ({"adapt_mode": "half"}, "adapt_mode"),
-        ({"adapt_init": "scratch"}, "adapt_init"),
+        ({"sampling": "uniform"}, "DemoConfig.sampling: expected one of \\('balanced', 'frames'\\)"),
+        ({"pretrain_domains": "one"}, "pretrain_domains"),
+        ({"targets": "frames"}, "targets"),
         ({"episodes": 0}, "episodes"),
         ({"budget_s": {"train": 1.0}}, "budget_s"),
         ({"augment": [1]}, "augment"),

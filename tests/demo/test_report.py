@@ -37,3 +37,15 @@ def test_report_says_when_the_wall_time_target_is_missed() -> None:
         "",
     ]
     assert report.target_line(None, 1600) == []
+
+
+def test_report_of_an_adaptation_from_a_random_domain(tmp_path: Path) -> None:
+    results = synthetic_results()
+    results["config"]["adapt_init"] = "scratch"
+    results["adapt"].update(init_from=None, init_domain_id=None, retrieval=[])
+    del results["heldout_eval"]["pre_adaptation"]  # a random new domain has no pre-adaptation condition
+    text = write_report(results, tmp_path).read_text()
+    assert (
+        "initialised at random (init `scratch`)" in text
+        and "None" not in text.split("## Adaptation")[1][:200]
+    )

@@ -82,6 +82,22 @@ def test_prompt_mode_with_retrieval_leaves_other_domains_bit_identical(tmp_path,
         assert np.asarray(reply["actions"]).shape == (10, 8)  # 1 s at 10 Hz, native 8-d pose
 
 
+def test_soft_prompts_mode_trains_the_new_prompt_alone(tmp_path, datasets, base_checkpoint):
+    cfg = adapt_config(
+        tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("mode=soft_prompts", "init=arc_a")
+    )
+    tuned = XVLA.from_pretrained(adapt(cfg))
+    grown = XVLA.from_pretrained(base_checkpoint)
+    grown.grow_domains(1, init_from=0)  # what adaptation starts from: arc_a's prompt and heads copied
+    before, after = grown.state_dict(), tuned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"transformer.soft_prompt_hub.weight"}  # heads, VLM and transformer untouched
+    rows = (before["transformer.soft_prompt_hub.weight"] != after["transformer.soft_prompt_hub.weight"]).any(
+        1
+    )
+    assert rows.tolist() == [False] * 4 + [True]  # only the new domain's prompt moved
+
+
 def test_lora_adapter_and_merged_exports_agree(tmp_path, datasets, base_checkpoint, capsys):
     cfg = adapt_config(
         tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("init=scratch", "lora.save=adapter")

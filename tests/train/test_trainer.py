@@ -305,3 +305,16 @@ def test_a_non_finite_gradient_stops_before_the_next_checkpoint(tmp_path, datase
         train(cfg)
     assert [p.name for p in checkpointing.list_checkpoints(cfg.output_dir)] == ["step_00000003"]
     assert history(tmp_path / "run")["step"] == [1, 2, 3, 4]
+
+
+def test_sources_sharing_a_domain_train_and_validate_per_source(tmp_path, datasets):
+    data = {
+        "sources": [source_dict(n, 0, datasets[n]) for n in ("arc_a", "arc_b")]
+    }  # one prompt and head set
+    cfg = make_config(tmp_path / "run", data, ("steps=2", "checkpoint.every=2", "val.every=2"))
+    train(cfg)
+    logged = history(tmp_path / "run")["per_source"]
+    # training losses are kept by domain: a shared domain cannot say which source a loss came from
+    assert logged == {"arc_a": [None, None], "arc_b": [None, None]}
+    (validation,) = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert set(validation["per_source"]) == {"arc_a", "arc_b"}  # validation runs source by source

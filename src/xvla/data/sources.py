@@ -319,23 +319,24 @@ class Source:
 
 @dataclass(frozen=True)
 class Mixture:
-    """The sources a model is trained on; names and domain ids are unique."""
+    """The sources a model is trained on. Names are unique; sources may share a domain id: one prompt and one set
+    of action heads for all of them (the shared-head ablation of `xvla experiments pretraining`)."""
 
     sources: tuple[Source, ...]
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise SourceError("mixture: sources: expected at least one source")
-        for attr in ("name", "domain_id"):
-            seen: dict[Any, str] = {}
-            for s in self.sources:
-                value = getattr(s, attr)
-                if value in seen:
-                    raise SourceError(
-                        f"mixture: source {s.name!r}: {attr}: expected a unique value, {value!r} is also used "
-                        f"by source {seen[value]!r}"
-                    )
-                seen[value] = s.name
+        seen: set[str] = set()
+        for s in self.sources:
+            if s.name in seen:
+                raise SourceError(f"mixture: source {s.name!r}: name: expected a unique value")
+            seen.add(s.name)
+
+    def shared_domains(self) -> set[int]:
+        """Domain ids used by more than one source (their training losses cannot be told apart by domain)."""
+        ids = [s.domain_id for s in self.sources]
+        return {d for d in ids if ids.count(d) > 1}
 
     def __getitem__(self, name: str) -> Source:
         for s in self.sources:

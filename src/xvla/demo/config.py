@@ -15,8 +15,11 @@ from typing import Any, Literal, get_args
 from xvla import configio
 
 STAGES = ("generate", "oracle", "pretrain", "adapt", "evaluate", "report")
-AdaptMode = Literal["full", "lora", "prompt"]  # as xvla.train.config.AdaptConfig.mode
+AdaptMode = Literal["full", "lora", "prompt", "soft_prompts"]  # as xvla.train.config.AdaptConfig.mode
 ADAPT_MODES: tuple[str, ...] = get_args(AdaptMode)
+PretrainDomains = Literal["per_source", "shared"]
+TargetMode = Literal["anchors", "next_frames"]
+SamplingMode = Literal["balanced", "frames"]
 DEFAULT_OUT = "demo_out"
 
 
@@ -43,6 +46,15 @@ class DemoConfig:
     # Sampling weight per pre-training source name (the rest 1.0): the mixture draws a source by normalised
     # weight, then an episode uniformly (balanced over sources and trajectories, as in the paper).
     source_weights: dict[str, float] = field(default_factory=dict)
+    # "frames": each source's weight is also multiplied by its number of frames (about uniform over frames, so
+    # sources recorded at a high rate dominate); "balanced": the weights alone.
+    sampling: SamplingMode = "balanced"
+    # "per_source": one domain (prompt and action heads) per pre-training source, as X-VLA; "shared": every
+    # pre-training source on domain 0 (one shared action in/out layer)
+    pretrain_domains: PretrainDomains = "per_source"
+    # "anchors": the 30 targets spread over each source's horizon (intention abstraction); "next_frames": the
+    # next 30 frames at the source's control rate (horizon 30 / control_hz)
+    targets: TargetMode = "anchors"
     image_size: int = 64  # rendered, stored and model image side (px)
     # -- model: an xvla.config preset plus XVLAConfig field overrides (dotted)
     preset: str = "demo"
@@ -75,7 +87,9 @@ class DemoConfig:
     # same pre-trained checkpoint; 300 steps of fine-tuning at 3e-4 barely move the retrieved domain's prompt.
     adapt_lr: float = 1e-3
     adapt_mode: AdaptMode = "full"  # stage 2: "full", "lora" or "prompt"
-    adapt_init: str = "retrieval"  # "retrieval" or the name of a pre-training source
+    # "retrieval", the name of a pre-training source, or "scratch" (a random prompt and heads; then the evaluation
+    # has no pre-adaptation condition)
+    adapt_init: str = "retrieval"
     scratch_baseline: bool = True  # also train a fresh model on the held-out data only (adapt_steps steps)
     # -- evaluation (episodes per task)
     eval_episodes: int = 40  # held-out robot after adaptation (and the scratch baseline)
@@ -165,13 +179,14 @@ class DemoConfig:
                 f"DemoConfig.adapt_prompt_steps: expected 0 <= value < adapt_steps ({self.adapt_steps}), "
                 f"got {self.adapt_prompt_steps}"
             )
-        if self.adapt_mode not in ADAPT_MODES:
-            raise ValueError(f"DemoConfig.adapt_mode: expected one of {ADAPT_MODES}, got {self.adapt_mode!r}")
-        if self.adapt_init == "scratch":
-            raise ValueError(
-                "DemoConfig.adapt_init: 'scratch' leaves no pre-adaptation baseline; use 'retrieval' or the "
-                "name of a pre-training source (and scratch_baseline=true for a model without pre-training)"
-            )
+        for name, choices in (
+            ("adapt_mode", ADAPT_MODES),
+            ("sampling", get_args(SamplingMode)),
+            ("pretrain_domains", get_args(PretrainDomains)),
+            ("targets", get_args(TargetMode)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"DemoConfig.{name}: expected one of {choices}, got {getattr(self, name)!r}")
         if self.curve_points >= self.pretrain_steps:
             raise ValueError(
                 f"DemoConfig.curve_points: expected fewer than pretrain_steps ({self.pretrain_steps}), "

@@ -110,11 +110,15 @@ def write_report(results: Mapping[str, Any], out: Path) -> Path:
         "",
     ]
     adapt = results["adapt"]
+    init = {
+        "retrieval": f"from `{adapt['init_from']}` (retrieval: the existing domain with the lowest flow loss on "
+        "the new data)",
+        "scratch": "at random (init `scratch`)",
+    }.get(cfg["adapt_init"], f"from `{adapt['init_from']}` (chosen by name)")
     lines += [
         f"## Adaptation to the held-out robot ({held})",
         "",
-        f"A new domain (id {adapt['domain_id']}) initialised from `{adapt['init_from']}` "
-        f"({'retrieval: the existing domain with the lowest flow loss on the new data' if cfg['adapt_init'] == 'retrieval' else 'chosen by name'}); "
+        f"A new domain (id {adapt['domain_id']}) initialised {init}; "
         f"stage 1: {adapt['prompt_steps']} steps training only its soft prompt and action heads; stage 2: "
         f"{adapt['steps'] - adapt['prompt_steps']} steps in mode `{adapt['mode']}`. Validation on "
         f"{results['data'][held]['val_episodes']} held-out episodes: flow loss "

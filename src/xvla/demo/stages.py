@@ -32,6 +32,8 @@ class Runtime:
     threads: int  # torch threads of the training process
     skip_generate: bool = False
     progress: bool = True
+    # The held-out robot's datasets when not in `data` (experiments keep one folder per demonstration count).
+    heldout_data: Path | None = None
 
 
 class _Console:
@@ -150,17 +152,17 @@ def generate_data(cfg: DemoConfig, rt: Runtime) -> dict[str, Path]:
     mixture_dir = rt.out / "mixtures"
     mixture_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for key, sources, episodes in (
-        ("pretrain", cfg.pretrain_sources, cfg.episodes),
-        ("heldout", (cfg.heldout_source,), cfg.heldout_episodes),
+    for key, sources, episodes, data in (
+        ("pretrain", cfg.pretrain_sources, cfg.episodes, rt.data),
+        ("heldout", (cfg.heldout_source,), cfg.heldout_episodes, rt.heldout_data or rt.data),
     ):
         if rt.skip_generate:
-            mixture = cached_mixture(rt.data, sources, episodes)
+            mixture = cached_mixture(data, sources, episodes)
         else:
             written = generate_suite(
                 list(sources),
                 episodes=episodes,
-                out=rt.data,
+                out=data,
                 workers=rt.workers,
                 image_size=cfg.image_size,
                 seed=cfg.seed,
@@ -168,16 +170,29 @@ def generate_data(cfg: DemoConfig, rt: Runtime) -> dict[str, Path]:
             )
             mixture = Mixture.load(written)
         mixture = Mixture(
-            tuple(
-                dataclasses.replace(
-                    s, val_count=cfg.val_episodes, weight=float(cfg.source_weights.get(s.name, 1.0))
-                )
-                for s in mixture.sources
-            )
+            tuple(training_source(cfg, s, pretraining=key == "pretrain") for s in mixture.sources)
         )
         paths[key] = mixture_dir / f"{key}.json"
         mixture.save(paths[key])
     return paths
+
+
+def training_source(cfg: DemoConfig, source: Any, *, pretraining: bool) -> Any:
+    """A generated `Source` as the run trains on it: validation episodes, sampling weight (`source_weights`,
+    times its frames when `sampling` is "frames"), domain (`pretrain_domains`), target horizon (`targets`)."""
+    from xvla.data.anchors import NUM_POINTS
+    from xvla.data.episodes import open_dataset
+
+    weight = float(cfg.source_weights.get(source.name, 1.0))
+    if cfg.sampling == "frames":
+        ds = open_dataset(source.path)
+        weight *= sum(ds.episode_length(e) for e in range(ds.num_episodes))
+    changes: dict[str, Any] = {"val_count": cfg.val_episodes, "weight": weight}
+    if cfg.targets == "next_frames":
+        changes["horizon_s"] = (NUM_POINTS - 1) / source.control_hz
+    if pretraining and cfg.pretrain_domains == "shared":
+        changes["domain_id"] = 0
+    return dataclasses.replace(source, **changes)
 
 
 def cached_mixture(data: Path, sources: Sequence[str], episodes: int) -> Any:
@@ -254,8 +269,10 @@ def train_config(
     lr: float,
     prompt_steps: int,
     checkpoints: int = 1,
+    validate_checkpoints: bool = False,
 ) -> Any:
-    """The run's TrainConfig; a checkpoint every `steps // checkpoints` steps and at `steps`, all kept."""
+    """The run's TrainConfig; a checkpoint every `steps // checkpoints` steps and at `steps`, all kept;
+    validation at the last step, or at every checkpoint with `validate_checkpoints`."""
     from xvla.configio import from_dict
     from xvla.train.config import TrainConfig
 
@@ -281,7 +298,11 @@ def train_config(
                 "keep_last": checkpoints + 1,
                 "ema_decay": cfg.ema_decay,
             },
-            "val": {"every": steps, "batches": cfg.val_batches, "sample_steps": cfg.sample_steps},
+            "val": {
+                "every": steps // checkpoints if validate_checkpoints else steps,
+                "batches": cfg.val_batches,
+                "sample_steps": cfg.sample_steps,
+            },
             "log": {"every": min(cfg.log_every, steps), "progress": rt.progress, "tensorboard": False},
             "steps": steps,
             "batch_size": cfg.batch_size,
@@ -318,9 +339,19 @@ def training_summary(folder: Path, checkpoint: Path) -> dict[str, Any]:
 
 
 def train_fresh(
-    cfg: DemoConfig, rt: Runtime, mixture: Path, folder: Path, steps: int, lr: float, checkpoints: int = 1
+    cfg: DemoConfig,
+    rt: Runtime,
+    mixture: Path,
+    folder: Path,
+    steps: int,
+    lr: float,
+    checkpoints: int = 1,
+    *,
+    validate_checkpoints: bool = False,
+    resume: bool = False,
 ) -> tuple[Path, int]:
-    """Train a fresh `cfg.preset` model on `mixture` with one domain per source id; (checkpoint, num_domains)."""
+    """Train a fresh `cfg.preset` model on `mixture` with one domain per source id; (checkpoint, num_domains).
+    `resume` continues the run in `folder` from its latest checkpoint (or starts it)."""
     from xvla.data.sources import Mixture
     from xvla.train.trainer import train
 
@@ -335,18 +366,34 @@ def train_fresh(
         prompt_steps=0,
         model={"preset": cfg.preset, "overrides": model_config_overrides(cfg, num_domains)},
         checkpoints=checkpoints,
+        validate_checkpoints=validate_checkpoints,
     )
-    return train(tcfg), num_domains
+    return train(tcfg, resume=resume), num_domains
 
 
-def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
+def pretrain(
+    cfg: DemoConfig,
+    rt: Runtime,
+    mixtures: Mapping[str, Path],
+    *,
+    validate_checkpoints: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train a fresh model with one domain per pre-training source (domain ids fixed by the suite)."""
     from xvla.model.xvla import XVLA
     from xvla.train import checkpointing as ckpt
 
     folder = rt.out / "pretrain"
     checkpoint, num_domains = train_fresh(
-        cfg, rt, mixtures["pretrain"], folder, cfg.pretrain_steps, cfg.lr, checkpoints=cfg.curve_points + 1
+        cfg,
+        rt,
+        mixtures["pretrain"],
+        folder,
+        cfg.pretrain_steps,
+        cfg.lr,
+        checkpoints=cfg.curve_points + 1,
+        validate_checkpoints=validate_checkpoints,
+        resume=resume,
     )
     summary = training_summary(folder, checkpoint)
     summary["curve_checkpoints"] = [
@@ -358,8 +405,18 @@ def pretrain(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict
     return summary
 
 
-def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], base: Path) -> dict[str, Any]:
-    """Grow the pre-trained model by one domain for the held-out robot and fit it in two stages."""
+def adapt_heldout(
+    cfg: DemoConfig,
+    rt: Runtime,
+    mixtures: Mapping[str, Path],
+    base: Path,
+    *,
+    checkpoints: int = 1,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Grow the pre-trained model by one domain for the held-out robot and fit it in two stages; with
+    `checkpoints` > 1 the intermediate checkpoints are kept and validated (learning curves). `resume`
+    continues the run in `rt.out / "adapt"` from its latest checkpoint (or starts it)."""
     from xvla.model.checkpoint import read_sources
     from xvla.train.adapt import adapt
     from xvla.train.config import AdaptConfig, LoraSettings
@@ -375,6 +432,8 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
         lr=cfg.adapt_lr,
         prompt_steps=cfg.adapt_prompt_steps,
         model={"checkpoint": str(base)},
+        checkpoints=checkpoints,
+        validate_checkpoints=checkpoints > 1,
     )
     acfg = AdaptConfig(
         train=tcfg,
@@ -383,7 +442,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
         retrieval_batches=2,
         lora=LoraSettings(save="merged"),
     )
-    checkpoint = adapt(acfg)
+    checkpoint = adapt(acfg, resume=resume)
     notes = json.loads((folder / ADAPTATION_FILE).read_text())  # what adapt did (trainer.run writes it)
     new = notes["new_domains"][cfg.heldout_name]
     by_name = {n: int(d["domain_id"]) for n, d in read_sources(base).items()}
@@ -391,7 +450,7 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
     summary.update(
         domain_id=new["domain_id"],
         init_from=new["init_from"],
-        init_domain_id=by_name[new["init_from"]],
+        init_domain_id=by_name.get(new["init_from"]),  # None: a random prompt and heads (init "scratch")
         retrieval=new["ranking"],
         mode=cfg.adapt_mode,
         prompt_steps=cfg.adapt_prompt_steps,
@@ -400,10 +459,23 @@ def adapt_heldout(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], ba
     return summary
 
 
-def train_scratch(cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path]) -> dict[str, Any]:
-    """Control without pre-training: a fresh model trained on the held-out data alone, same steps."""
+def train_scratch(
+    cfg: DemoConfig, rt: Runtime, mixtures: Mapping[str, Path], *, checkpoints: int = 1, resume: bool = False
+) -> dict[str, Any]:
+    """Control without pre-training: a fresh model trained on the held-out data alone, same steps (with
+    `checkpoints` > 1 the intermediate checkpoints are kept and validated)."""
     folder = rt.out / "scratch"
-    checkpoint, _ = train_fresh(cfg, rt, mixtures["heldout"], folder, cfg.adapt_steps, cfg.adapt_lr)
+    checkpoint, _ = train_fresh(
+        cfg,
+        rt,
+        mixtures["heldout"],
+        folder,
+        cfg.adapt_steps,
+        cfg.adapt_lr,
+        checkpoints=checkpoints,
+        validate_checkpoints=checkpoints > 1,
+        resume=resume,
+    )
     return training_summary(folder, checkpoint)
 
 
@@ -434,10 +506,15 @@ def evaluate_all(
     (held,) = Mixture.load(mixtures["heldout"]).sources
     untrained = save_untrained(cfg, pretrained, adapted["domain_id"] + 1, rt.out / "untrained")
     conditions: dict[str, tuple[str, int, int]] = {
-        "untrained": (str(untrained), adapted["domain_id"], cfg.untrained_episodes),
-        "pre_adaptation": (str(pretrained), adapted["init_domain_id"], cfg.pre_adaptation_episodes),
-        "adapted": (adapted["checkpoint"], adapted["domain_id"], cfg.eval_episodes),
+        "untrained": (str(untrained), adapted["domain_id"], cfg.untrained_episodes)
     }
+    if adapted["init_domain_id"] is not None:  # a random new domain has no pre-adaptation counterpart
+        conditions["pre_adaptation"] = (
+            str(pretrained),
+            adapted["init_domain_id"],
+            cfg.pre_adaptation_episodes,
+        )
+    conditions["adapted"] = (adapted["checkpoint"], adapted["domain_id"], cfg.eval_episodes)
     if "scratch" in results:
         conditions["scratch"] = (results["scratch"]["checkpoint"], held.domain_id, cfg.eval_episodes)
     jobs = []
@@ -520,16 +597,22 @@ def eval_jobs(
     return [SimJob("eval", source.name, checkpoint, {**options, "task": t}, label) for t in tasks if episodes]
 
 
+def soft_prompts(checkpoint: Path) -> np.ndarray | None:
+    """The learned soft prompts, one row per domain: [num_domains, len_soft_prompts * hidden] float64 (None for
+    a model without prompts)."""
+    from xvla.model.xvla import XVLA
+
+    hub = XVLA.from_pretrained(checkpoint).transformer.soft_prompt_hub
+    return None if hub is None else hub.weight.detach().double().numpy()
+
+
 def soft_prompt_projection(checkpoint: Path, domains: Mapping[str, int]) -> dict[str, Any]:
     """PCA (numpy SVD) of the learned soft prompts: one point per domain (its prompt flattened to
     [len_soft_prompts * hidden]); returns 2-D points, explained variance, and each domain's cosine similarity
     to the held-out robot's prompt (the domain with the largest id, added last)."""
-    from xvla.model.xvla import XVLA
-
-    hub = XVLA.from_pretrained(checkpoint).transformer.soft_prompt_hub
-    if hub is None:
+    prompts = soft_prompts(checkpoint)
+    if prompts is None:
         return {}
-    prompts = hub.weight.detach().double().numpy()  # [num_domains, len_soft_prompts * hidden]
     centred = prompts - prompts.mean(0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     points = centred @ vt[:2].T

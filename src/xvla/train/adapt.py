@@ -6,7 +6,8 @@ existing domain, or from the existing domain whose prompt and heads fit the new 
 flow loss of every existing domain on a few batches of the new data, ranked). Stage 1 trains only the new
 prompt and heads (`train.optim.prompt_warmup_steps`), stage 2 trains what `mode` says: everything ("full"),
 LoRA adapters on every linear layer through `peft` plus prompts and heads ("lora"), or still only prompts and
-heads ("prompt"). A LoRA run saves merged weights (a plain checkpoint) or the adapter only.
+heads ("prompt"); "soft_prompts" trains the soft prompts alone in both stages. A LoRA run saves merged weights
+(a plain checkpoint) or the adapter only.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # peft is imported where LoRA is used
 
 ADAPTER_HEADS = "domain_heads.safetensors"  # prompts + per-domain heads of an adapter-only checkpoint
 ADAPTER_META = "adapter_base.json"  # in an adapter checkpoint: its base checkpoint and domains added
+SOFT_PROMPTS_ONLY = ("soft_prompts",)  # the groups mode "soft_prompts" trains, in both stages
 
 
 def adapt(cfg: AdaptConfig, *, resume: bool = False) -> Path:
@@ -122,7 +124,9 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
 
     else:
         trained, export = model, None
-        main = PROMPT_PHASE_GROUPS if cfg.mode == "prompt" else ALL_GROUPS
+        main = {"prompt": PROMPT_PHASE_GROUPS, "soft_prompts": SOFT_PROMPTS_ONLY}.get(cfg.mode, ALL_GROUPS)
+    if cfg.mode == "soft_prompts" and not groups["soft_prompts"]:
+        raise ConfigError(f"mode: 'soft_prompts' needs a model with soft prompts; {base} has none")
     return Job(
         model=trained,
         xvla=model,
@@ -130,6 +134,7 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
         tokenizer=tokenizer,
         mixture=mixture,
         sources=sources,
+        prompt_groups=SOFT_PROMPTS_ONLY if cfg.mode == "soft_prompts" else PROMPT_PHASE_GROUPS,
         main_groups=main,
         export=export,
         adaptation=notes,

@@ -152,6 +152,7 @@ class AdaptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init: str = "retrieval"  # "scratch", "retrieval", or the name of an existing domain to copy
     retrieval_batches: int = 4  # batches of new data per candidate domain when init = "retrieval"
-    # Stage 2 trains everything ("full"), LoRA adapters + prompt + heads ("lora"), or prompt + heads ("prompt").
-    mode: Literal["full", "lora", "prompt"] = "lora"
+    # Stage 2 trains everything ("full"), LoRA adapters + prompt + heads ("lora"), or prompt + heads ("prompt");
+    # "soft_prompts" trains the soft prompts alone in both stages (the action heads stay as initialised).
+    mode: Literal["full", "lora", "prompt", "soft_prompts"] = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)

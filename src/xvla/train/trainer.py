@@ -95,7 +95,9 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
     accelerator.init_trackers(
         project, config=flatten(to_dict(cfg)), init_kwargs=init_kwargs
     )  # main process only
-    domain_names = {s.domain_id: s.name for s in job.mixture.sources}
+    # Per-source training losses are kept by domain: a domain several sources share logs none for them.
+    shared = job.mixture.shared_domains()
+    domain_names = {s.domain_id: s.name for s in job.mixture.sources if s.domain_id not in shared}
     meter = _Meter(job.mixture, accelerator.device)
     batches = _forever(loader)
     bar = tqdm(

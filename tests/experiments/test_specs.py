@@ -1,0 +1,104 @@
+"""`xvla.experiments.specs` and the grid the runner resolves from them (no training here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xvla.experiments.runner import claim, data_dirs, resolve_cells
+from xvla.experiments.specs import EXPERIMENTS, Arm, ExperimentSpec, get_experiment
+
+
+def test_registry_has_the_issues_experiments() -> None:
+    assert {"pretraining", "adaptation", "prompts", "proxy", "smoke"} <= set(EXPERIMENTS)
+    assert [a.name for a in EXPERIMENTS["pretraining"].arms] == [
+        "shared_heads",
+        "domain_heads",
+        "xvla",
+        "next_frames",
+        "frame_sampling",
+    ]
+    assert all(len(s.seeds) >= 3 for n, s in EXPERIMENTS.items() if n != "smoke")
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_resolves_to_valid_cells(name: str) -> None:
+    cells = resolve_cells(name)  # builds every DemoConfig: overrides are checked here
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys)) and keys
+    for i, cell in enumerate(cells):
+        if cell.base is not None:
+            assert keys.index(cell.base.key) < i  # a base cell comes before the adaptation that needs it
+
+
+def test_pretraining_arms_differ_only_in_their_option() -> None:
+    cells = {c.arm.name: c.config for c in resolve_cells("pretraining", seeds=[0])}
+    xvla = cells["xvla"]
+    assert cells["shared_heads"].pretrain_domains == "shared"
+    assert cells["shared_heads"].model_overrides["head"] == {"len_soft_prompts": 0}
+    assert cells["domain_heads"].replace(model_overrides=xvla.model_overrides) == xvla
+    assert cells["next_frames"].replace(targets="anchors") == xvla
+    assert cells["frame_sampling"].replace(sampling="balanced") == xvla
+    # same compute per arm
+    assert len({(c.pretrain_steps, c.batch_size) for c in cells.values()}) == 1
+
+
+def test_adaptation_cells_inherit_their_base_and_count_demonstrations() -> None:
+    cells = {c.key: c for c in resolve_cells("adaptation", seeds=[1])}
+    lora = cells["adaptation/prompt_heads_lora-n5/seed_1"]
+    assert lora.base is not None and lora.base.key == "pretraining/xvla/seed_1"
+    assert lora.config.adapt_mode == "lora" and lora.config.seed == 1
+    assert lora.config.heldout_episodes == 5 + lora.config.val_episodes  # 5 demonstrations to train on
+    shared = cells["adaptation/from_shared_heads-n20/seed_1"]
+    assert shared.config.pretrain_domains == "shared"  # the base's options come along
+    assert cells["adaptation/scratch-n20/seed_1"].base is None
+    out = Path("/o")
+    assert data_dirs(lora, out)[0] == data_dirs(shared, out)[0] == out / "data/default/seed_1/pretrain"
+    assert data_dirs(lora, out)[1] != data_dirs(shared, out)[1]  # 5 vs 20 demonstrations: two folders
+
+
+def test_seeds_and_scale_override_the_spec() -> None:
+    cells = resolve_cells("smoke", scale="default", seeds=[3, 4], arms=["xvla"])
+    assert [c.key for c in cells] == ["smoke/xvla/seed_3", "smoke/xvla/seed_4"]
+    assert {c.config.scale for c in cells} == {"default"}
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"experiment: unknown 'nope'; expected one of \['adaptation'"):
+        get_experiment("nope")
+    with pytest.raises(ValueError, match=r"experiment 'smoke' has no arm 'foo'; its arms: \['xvla'"):
+        resolve_cells("smoke", arms=["foo"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "a/b"}, "Arm.name: expected letters"),
+        ({"name": "a", "kind": "adapt"}, "base: required for"),
+        ({"name": "a", "base": "x"}, "base: required for"),
+        ({"name": "a", "kind": "scratch", "demonstrations": 0}, "demonstrations: expected an integer >= 1"),
+        ({"name": "a", "demonstrations": 3}, "demonstrations"),
+    ],
+)
+def test_arm_validation(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Arm(**kwargs)  # type: ignore[arg-type]
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="names must be unique"):
+        ExperimentSpec("e", "", (Arm("a"), Arm("a")))
+    with pytest.raises(ValueError, match="analyses: unknown"):
+        ExperimentSpec("e", "", (), analyses=("plots",))  # type: ignore[arg-type]
+
+
+def test_claim_refuses_a_folder_of_another_configuration(tmp_path: Path) -> None:
+    (cell,) = resolve_cells("smoke", arms=["xvla"])
+    claim(cell, tmp_path)
+    claim(cell, tmp_path)  # the same cell again: fine
+    (other,) = resolve_cells("smoke", scale="default", seeds=[0], arms=["xvla"])
+    with pytest.raises(
+        ValueError, match=r"another configuration \(differs in demo, demo\.adapt_prompt_steps"
+    ):
+        claim(other, tmp_path)
