@@ -76,6 +76,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "adapt-lr2e-3": {"adapt_lr": 2e-3},
     "adapt-lr5e-4": {"adapt_lr": 5e-4},
     "adapt-steps300": {"adapt_steps": 300},
+    "adapt-prompt200": {"adapt_prompt_steps": 200},
     # single-source overfit check (issue #12): the same budget on one robot alone
     "only-so100": {"pretrain_sources": ("so100_bimanual",)},
     "only-sawyer": {"pretrain_sources": ("mw_sawyer:button-press-topdown,drawer-open",)},
