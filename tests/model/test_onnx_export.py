@@ -3,8 +3,9 @@
 
 Every export pays torch's exporter set-up (its op registry is rebuilt per call: 10-20 s warm, 45 s cold for one
 nn.Linear on the shared 2-core development machine at load 9) plus the tracing; the small model's first export took
-4 minutes there, so every test that exports is `slow`. The default run keeps what needs no export (finish
-settings, arguments; the runtime's own tests are in tests/serve/test_onnx_runtime.py).
+4 minutes there (at load 9), so every test that exports is `slow` except the parity at other batch sizes, which
+pays the one export of the default run. The default run also keeps what needs no export (finish settings,
+arguments; the runtime's own tests are in tests/serve/test_onnx_runtime.py).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     return _export(XVLA(small_config()).eval(), tmp_path_factory.mktemp("onnx_small"))
 
 
-@pytest.mark.slow
+# not slow: the one export CI pays, so parity with eager is always checked
 @pytest.mark.parametrize("b", [1, 3])
 def test_actions_match_eager_at_other_batch_sizes(small: Exported, b: int) -> None:
     assert b != TRACE_BATCH
