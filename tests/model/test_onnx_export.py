@@ -28,6 +28,7 @@ from xvla.model import XVLA
 from xvla.model.action_spaces import build_action_space
 from xvla.model.flow import OBJECTIVES
 from xvla.model.onnx_export import TRACE_BATCH, export_onnx, finish_settings
+from xvla.model.parity import refs_batch
 from xvla.serve.onnx_runtime import OnnxGenerator, Sampler, finish
 from xvla.serve.protocol import NonFiniteActionError
 
@@ -217,13 +218,7 @@ def test_shared_fixture_actions_match_eager_and_refs(name: str, tmp_path: Path) 
     folder = fixture_dir(name)
     refs = load_file(str(folder / "refs.safetensors"))
     result = export_onnx(folder, tmp_path / "onnx")
-    batch = {
-        "pixel_values": refs["in_pixel_values"],
-        "image_mask": refs["in_image_mask"].bool(),
-        "input_ids": refs["in_input_ids"],
-        "domain_id": refs["in_domain_id"],
-        "proprio": refs["in_proprio"],
-    }
+    batch = refs_batch(refs)
     noise = refs["gen_x1_noise"]
     got = OnnxGenerator(result.folder, threads=1).generate(_numpy(batch), noise.numpy())
     assert _rel(got, XVLA.from_pretrained(folder).generate(batch, noise=noise)) < TOL

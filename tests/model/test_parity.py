@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import fixture_dir
 from xvla.cli import main
 from xvla.model import XVLA
-from xvla.model.parity import run_parity
+from xvla.model.parity import refs_batch, run_parity
 
 torch.set_num_threads(1)  # the CI machine has 2 shared cores
 
@@ -46,13 +46,7 @@ def test_authors_layout_to_ours_roundtrip(tmp_path) -> None:
     authors.save_pretrained(tmp_path / "ours")
     ours = XVLA.from_pretrained(tmp_path / "ours")
     refs = load_file(str(folder / "refs.safetensors"))
-    batch = {
-        "pixel_values": refs["in_pixel_values"],
-        "image_mask": refs["in_image_mask"].bool(),
-        "input_ids": refs["in_input_ids"],
-        "domain_id": refs["in_domain_id"],
-        "proprio": refs["in_proprio"],
-    }
+    batch = refs_batch(refs)
     noise = refs["gen_x1_noise"]
     assert torch.equal(ours.generate(batch, noise=noise), authors.generate(batch, noise=noise))
     results, layout = run_parity(tmp_path / "ours", folder / "refs.safetensors")

@@ -52,19 +52,24 @@ def _kind(name: str) -> str:
     return "scaled" if name.startswith("davit_") else "abs"
 
 
+def refs_batch(refs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model batch stored in a refs.safetensors (its `in_*` inputs)."""
+    return {
+        "pixel_values": refs["in_pixel_values"],
+        "image_mask": refs["in_image_mask"].bool(),
+        "input_ids": refs["in_input_ids"],
+        "domain_id": refs["in_domain_id"],
+        "proprio": refs["in_proprio"],
+    }
+
+
 def replay(model: XVLA, refs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Recompute every reference output that the stored inputs determine; keys follow refs.safetensors."""
     out: dict[str, Tensor] = {}
     space = model.action_space
-    pixels, mask, ids = refs["in_pixel_values"], refs["in_image_mask"].bool(), refs["in_input_ids"]
-    domain, proprio = refs["in_domain_id"], refs["in_proprio"]
-    batch = {
-        "pixel_values": pixels,
-        "image_mask": mask,
-        "input_ids": ids,
-        "domain_id": domain,
-        "proprio": proprio,
-    }
+    batch = refs_batch(refs)
+    pixels, mask, ids = batch["pixel_values"], batch["image_mask"], batch["input_ids"]
+    domain, proprio = batch["domain_id"], batch["proprio"]
 
     # (a) encoder: features, encoder inputs and DaViT stages of the first valid view
     enc = model.encode(pixels, mask, ids)
