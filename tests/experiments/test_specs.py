@@ -58,6 +58,21 @@ def test_adaptation_cells_inherit_their_base_and_count_demonstrations() -> None:
     assert data_dirs(lora, out)[1] != data_dirs(shared, out)[1]  # 5 vs 20 demonstrations: two folders
 
 
+def test_chosen_arms_bring_only_the_base_cells_they_need() -> None:
+    cells = resolve_cells("adaptation", seeds=[0], arms=["from_shared_heads-n20", "prompt_heads_last-n20"])
+    assert [c.key for c in cells] == [
+        "pretraining/shared_heads/seed_0",
+        "adaptation/from_shared_heads-n20/seed_0",
+        "pretraining/xvla/seed_0",
+        "adaptation/prompt_heads_last-n20/seed_0",
+    ]
+    assert cells[-1].config.adapt_mode == "last_layer"
+    # without --arms the included experiments' cells all come along
+    assert len(resolve_cells("adaptation", seeds=[0])) == len(EXPERIMENTS["pretraining"].arms) + len(
+        EXPERIMENTS["adaptation"].arms
+    )
+
+
 def test_seeds_and_scale_override_the_spec() -> None:
     cells = resolve_cells("smoke", scale="default", seeds=[3, 4], arms=["xvla"])
     assert [c.key for c in cells] == ["smoke/xvla/seed_3", "smoke/xvla/seed_4"]

@@ -98,6 +98,31 @@ def test_soft_prompts_mode_trains_the_new_prompt_alone(tmp_path, datasets, base_
     assert rows.tolist() == [False] * 4 + [True]  # only the new domain's prompt moved
 
 
+def test_last_layer_mode_trains_prompt_heads_and_the_last_block_only(tmp_path, datasets, base_checkpoint):
+    cfg = adapt_config(
+        tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("mode=last_layer", "init=arc_a")
+    )
+    tuned = XVLA.from_pretrained(adapt(cfg))
+    grown = XVLA.from_pretrained(base_checkpoint)
+    grown.grow_domains(1, init_from=0)
+    before, after = grown.state_dict(), tuned.state_dict()
+    changed = {
+        k.split(".")[1] if k.startswith("transformer.") else k.split(".")[0]
+        for k in before
+        if not torch.equal(before[k], after[k])
+    }
+    last = f"blocks.{grown.config.head.depth - 1}."
+    moved_blocks = {k for k in before if ".blocks." in k and not torch.equal(before[k], after[k])}
+    assert moved_blocks and all(last in k for k in moved_blocks)  # only the last block of the head
+    assert changed == {
+        "blocks",
+        "norm",
+        "soft_prompt_hub",
+        "action_encoder",
+        "action_decoder",
+    }  # VLM untouched
+
+
 def test_lora_adapter_and_merged_exports_agree(tmp_path, datasets, base_checkpoint, capsys):
     cfg = adapt_config(
         tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("init=scratch", "lora.save=adapter")

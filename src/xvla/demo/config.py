@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from xvla import configio
+from xvla.train.modes import ADAPT_MODES, AdaptMode
 
 STAGES = ("generate", "oracle", "pretrain", "adapt", "evaluate", "report")
-AdaptMode = Literal["full", "lora", "prompt", "soft_prompts"]  # as xvla.train.config.AdaptConfig.mode
-ADAPT_MODES: tuple[str, ...] = get_args(AdaptMode)
 PretrainDomains = Literal["per_source", "shared"]
 TargetMode = Literal["anchors", "next_frames"]
 SamplingMode = Literal["balanced", "frames"]
@@ -86,7 +85,7 @@ class DemoConfig:
     # 1e-3 measured against 3e-4 in closed loop (docs/demo.md, item 8): Kinova3 adapted 16/40 vs 4/40 from the
     # same pre-trained checkpoint; 300 steps of fine-tuning at 3e-4 barely move the retrieved domain's prompt.
     adapt_lr: float = 1e-3
-    adapt_mode: AdaptMode = "full"  # stage 2: "full", "lora" or "prompt"
+    adapt_mode: AdaptMode = "full"  # what stage 2 trains (xvla.train.modes)
     # "retrieval", the name of a pre-training source, or "scratch" (a random prompt and heads; then the evaluation
     # has no pre-adaptation condition)
     adapt_init: str = "retrieval"

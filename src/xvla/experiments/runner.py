@@ -90,8 +90,8 @@ class RunOptions:
 def resolve_cells(
     name: str, scale: str | None = None, seeds: Sequence[int] | None = None, arms: Sequence[str] = ()
 ) -> list[Cell]:
-    """Every cell an experiment runs: its included experiments' first, then its own (`arms`: only these, by
-    name); base cells of adaptation arms come before the cells that need them. No duplicates."""
+    """Every cell an experiment runs: its included experiments' first, then its own; with `arms`, only those
+    arms and the base cells they start from. Base cells come before the cells that need them. No duplicates."""
     spec = get_experiment(name)
     for a in arms:
         spec.arm(a)  # unknown names raise, naming the experiment's arms
@@ -102,7 +102,7 @@ def resolve_cells(
             add(cell.base)
         cells.setdefault(cell.key, cell)
 
-    for included in spec.includes:
+    for included in () if arms else spec.includes:
         for cell in resolve_cells(included, scale, seeds):
             add(cell)
     chosen = [spec.arm(a) for a in arms] if arms else list(spec.arms)

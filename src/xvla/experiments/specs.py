@@ -117,6 +117,7 @@ def _adaptation_arms(demonstrations: tuple[int, ...]) -> tuple[Arm, ...]:
             ("prompt_only", xvla, ("adapt_mode=soft_prompts",), "trainable: the new soft prompt only"),
             ("prompt_heads", xvla, ("adapt_mode=prompt",), "trainable: prompt + action heads"),
             ("prompt_heads_lora", xvla, ("adapt_mode=lora",), "trainable: prompt + heads + LoRA"),
+            ("prompt_heads_last", xvla, ("adapt_mode=last_layer",), "trainable: prompt + heads + last block"),
             ("init_random", xvla, ("adapt_init=scratch",), "new prompt and heads at random"),
             ("init_nearest", xvla, (f"adapt_init={NEAREST}",), f"new prompt and heads copied from {NEAREST}"),
             ("from_shared_heads", "pretraining/shared_heads", (), "the recipe from arm (a)'s checkpoint"),

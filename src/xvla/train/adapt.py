@@ -5,8 +5,9 @@ the existing domains' outputs are untouched. The new prompt and heads start from
 existing domain, or from the existing domain whose prompt and heads fit the new data best ("retrieval": the
 flow loss of every existing domain on a few batches of the new data, ranked). Stage 1 trains only the new
 prompt and heads (`train.optim.prompt_warmup_steps`), stage 2 trains what `mode` says: everything ("full"),
-LoRA adapters on every linear layer through `peft` plus prompts and heads ("lora"), or still only prompts and
-heads ("prompt"); "soft_prompts" trains the soft prompts alone in both stages. A LoRA run saves merged weights
+LoRA adapters on every linear layer through `peft` plus prompts and heads ("lora"), still only prompts and
+heads ("prompt"), or prompts, heads and the head's last transformer block ("last_layer", the paper's
+"+ last layer" arm); "soft_prompts" trains the soft prompts alone in both stages. A LoRA run saves merged weights
 (a plain checkpoint) or the adapter only.
 """
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # peft is imported where LoRA is used
 ADAPTER_HEADS = "domain_heads.safetensors"  # prompts + per-domain heads of an adapter-only checkpoint
 ADAPTER_META = "adapter_base.json"  # in an adapter checkpoint: its base checkpoint and domains added
 SOFT_PROMPTS_ONLY = ("soft_prompts",)  # the groups mode "soft_prompts" trains, in both stages
+LAST_BLOCK = "last_block"  # mode "last_layer": the head's last transformer block and its final norm
 
 
 def adapt(cfg: AdaptConfig, *, resume: bool = False) -> Path:
@@ -122,6 +124,10 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
         def export(state: dict[str, Tensor], folder: Path) -> None:
             save_lora(grown_config, cfg.lora, state, folder, base=base, added=len(grown))
 
+    elif cfg.mode == "last_layer":
+        trained, export = model, None
+        groups = split_last_block(model, groups)
+        main = (*PROMPT_PHASE_GROUPS, LAST_BLOCK)
     else:
         trained, export = model, None
         main = {"prompt": PROMPT_PHASE_GROUPS, "soft_prompts": SOFT_PROMPTS_ONLY}.get(cfg.mode, ALL_GROUPS)
@@ -139,6 +145,18 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
         export=export,
         adaptation=notes,
     )
+
+
+def split_last_block(model: XVLA, groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
+    """`groups` with the head's last block and final norm moved out of "transformer" into `LAST_BLOCK`."""
+    tr = model.transformer
+    last = {id(p) for p in (*tr.blocks[-1].parameters(), *tr.norm.parameters())}
+    core = groups["transformer"]
+    return {
+        **groups,
+        "transformer": [p for p in core if id(p) not in last],
+        LAST_BLOCK: [p for p in core if id(p) in last],
+    }
 
 
 @torch.no_grad()

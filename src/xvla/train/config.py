@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from xvla.configio import ConfigError, get_dotted
 from xvla.data.transforms import Augment
+from xvla.train.modes import AdaptMode
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,5 @@ class AdaptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init: str = "retrieval"  # "scratch", "retrieval", or the name of an existing domain to copy
     retrieval_batches: int = 4  # batches of new data per candidate domain when init = "retrieval"
-    # Stage 2 trains everything ("full"), LoRA adapters + prompt + heads ("lora"), or prompt + heads ("prompt");
-    # "soft_prompts" trains the soft prompts alone in both stages (the action heads stay as initialised).
-    mode: Literal["full", "lora", "prompt", "soft_prompts"] = "lora"
+    mode: AdaptMode = "lora"  # what stage 2 trains (xvla.train.modes)
     lora: LoraSettings = field(default_factory=LoraSettings)

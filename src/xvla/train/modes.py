@@ -1,0 +1,14 @@
+"""What stage 2 of an adaptation trains (`AdaptConfig.mode`, `DemoConfig.adapt_mode`); torch-free, so configs and
+the CLI can name the modes without loading the trainer.
+
+"full": everything; "lora": LoRA adapters on every linear layer + prompt + heads; "prompt": prompt + heads;
+"last_layer": prompt + heads + the head's last transformer block and final norm; "soft_prompts": the soft prompts
+alone, in both stages (the action heads stay as initialised).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+AdaptMode = Literal["full", "lora", "prompt", "last_layer", "soft_prompts"]
+ADAPT_MODES: tuple[str, ...] = get_args(AdaptMode)
