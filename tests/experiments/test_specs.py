@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
 
-from xvla.experiments.runner import claim, data_dirs, resolve_cells
+from xvla.experiments.runner import LOCK_FILE, RunOptions, claim, data_dirs, resolve_cells, run_cell
 from xvla.experiments.specs import EXPERIMENTS, Arm, ExperimentSpec, get_experiment
 
 
@@ -117,3 +118,15 @@ def test_claim_refuses_a_folder_of_another_configuration(tmp_path: Path) -> None
         ValueError, match=r"another configuration \(differs in demo, demo\.adapt_prompt_steps"
     ):
         claim(other, tmp_path)
+
+
+def test_a_cell_another_process_runs_is_refused(tmp_path: Path) -> None:
+    (cell,) = resolve_cells("smoke", arms=["xvla"])
+    folder = cell.folder(tmp_path)
+    folder.mkdir(parents=True)
+    opts = RunOptions(out=tmp_path, device="cpu", workers=1, threads=1, sim_workers=1, progress=False)
+    with open(folder / LOCK_FILE, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's runner, as far as flock can tell
+        with pytest.raises(RuntimeError, match=r"cell smoke/xvla/seed_0: another process is running it"):
+            run_cell(cell, opts)
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]  # nothing was started

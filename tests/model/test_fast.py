@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -136,6 +137,13 @@ def test_flop_count_matches_analytic_head_formula() -> None:
     wb = weight_bytes(cfg)
     model = XVLA(cfg)
     assert wb["encoder_params"] + wb["head_params"] == sum(q.numel() for q in model.parameters())
+
+
+def test_flop_count_of_a_model_that_masks_text_padding() -> None:
+    cfg = small_config()
+    # raised before: transformers' BART reads the mask's values, which meta tensors do not have
+    masked = count_flops(dataclasses.replace(cfg, mask_text_padding=True), batch_size=2)
+    assert masked == count_flops(cfg, batch_size=2)
 
 
 def test_training_helpers_keep_values() -> None:

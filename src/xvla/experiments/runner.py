@@ -11,19 +11,23 @@
         prompts.json       PCA and t-SNE of the soft prompts of the final checkpoint (when it has prompts)
         results.json       everything the summary reads
         done.json          written last, atomically: a rerun skips the cell
+        lock               held (flock) by the process running the cell
 
 A rerun skips cells with `done.json`; inside an unfinished cell a stage whose file exists is not redone, and an
-interrupted training run resumes from its latest checkpoint (`xvla.train` resume).
+interrupted training run resumes from its latest checkpoint (`xvla.train` resume). A cell that another process
+is running is refused, not run twice into one folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +44,7 @@ TRAIN_FILE = "train.json"
 PROMPTS_FILE = "prompts.json"
 RESULTS_FILE = "results.json"
 DONE_FILE = "done.json"
+LOCK_FILE = "lock"
 RUN_FOLDERS = {"pretrain": "pretrain", "adapt": "adapt", "scratch": "scratch"}  # kind -> training run folder
 
 
@@ -223,11 +228,32 @@ def prepare_data(cells: Sequence[Cell], opts: RunOptions) -> None:
 # ------------------------------------------------------------------------------------------------ one cell
 def run_cell(cell: Cell, opts: RunOptions) -> dict[str, Any]:
     """Train, evaluate every checkpoint and collect a cell's results; each stage once (see the module doc)."""
-    import torch
-
     folder = cell.folder(opts.out)
     if (folder / DONE_FILE).is_file():
         return json.loads((folder / RESULTS_FILE).read_text())
+    with cell_lock(cell, folder):
+        return _run_cell(cell, folder, opts)
+
+
+@contextmanager
+def cell_lock(cell: Cell, folder: Path) -> Iterator[None]:
+    """Hold the cell's lock while running it; refuse a cell that another process holds (two grids started
+    over one `--out` would otherwise train into one folder). The OS frees the lock when its process dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"cell {cell.key}: another process is running it in {folder}; let it finish or stop it, then "
+                "run this again"
+            ) from None
+        yield
+
+
+def _run_cell(cell: Cell, folder: Path, opts: RunOptions) -> dict[str, Any]:
+    import torch
+
     if opts.device == "cpu":
         torch.set_num_threads(opts.threads)
     rt = runtime(cell, opts)

@@ -3,6 +3,8 @@ device (no weights, no compute). Tables for the 0.9B preset: docs/performance.md
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from xvla.config import XVLAConfig
@@ -16,7 +18,9 @@ def count_flops(model_config: XVLAConfig, batch_size: int = 1, views: int | None
     "train_sample": 3 x (vision + text + head) / batch_size}, for `batch_size` samples of `views` views."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = model_config
+    # A text-padding mask changes which tokens attend, not the FLOPs; and transformers' BART reads a mask's values
+    # (`.all()`), which meta tensors do not have: count the same model without it.
+    cfg = dataclasses.replace(model_config, mask_text_padding=False)
     v = views or cfg.num_views
     with torch.device("meta"):
         model = XVLA(cfg).eval()
