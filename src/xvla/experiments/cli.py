@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with every core)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads of a cell (default: every core)")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: write the summary from the cells that have finished (e.g. while a grid runs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)
 
@@ -77,7 +82,9 @@ def _cli(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     arms = [a for a in args.arms.split(",") if a] if args.arms else []
-    done = run_experiment(args.name, opts, scale=args.scale, seeds=seeds, arms=arms)
+    done = run_experiment(
+        args.name, opts, scale=args.scale, seeds=seeds, arms=arms, summary_only=args.summary_only
+    )
     print(
         f"{args.name}: {len(done['ran'])} cell(s) run, {len(done['skipped'])} already finished; summary in "
         f"{opts.out / args.name / 'summary.md'}"

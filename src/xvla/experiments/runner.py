@@ -163,13 +163,18 @@ def run_experiment(
     scale: str | None = None,
     seeds: Sequence[int] | None = None,
     arms: Sequence[str] = (),
+    summary_only: bool = False,
 ) -> dict[str, list[str]]:
-    """Run every unfinished cell, then write the summary; returns the cell keys run and skipped."""
+    """Run every unfinished cell (none with `summary_only`), then write the summary from the finished ones;
+    returns the cell keys run and skipped."""
     from tqdm.auto import tqdm
 
     from xvla.experiments.summary import write_summary
 
     cells = resolve_cells(name, scale, seeds, arms)
+    if summary_only:
+        write_summary(get_experiment(name), cells, opts.out, seeds)
+        return {"ran": [], "skipped": [c.key for c in cells]}
     for cell in cells:
         claim(cell, opts.out)
     todo = [c for c in cells if not (c.folder(opts.out) / DONE_FILE).is_file()]
