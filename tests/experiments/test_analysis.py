@@ -116,3 +116,38 @@ def test_summary_labels_prompts_by_robot_and_view(tmp_path: Path) -> None:
     assert "| prompts/xvla_two_views/seed_0 | rs_panda / rs_panda_side | robot | 1 | 10 | 0.10 |" in text
     assert "| prompts/xvla_two_views/seed_0 | rs_iiwa / rs_panda_side | view | 10.05 | 10 | 1.00 |" in text
     assert "pretraining/xvla/seed_0 |" not in text  # no pairs from the old cell
+
+
+def test_prompt_projection_labels_and_measures_a_checkpoints_prompts(tmp_path: Path) -> None:
+    """A random `tiny` checkpoint (8 domains) with the suite's ids: every point carries its robot and cameras,
+    the untrained ids none, and the measure is computed on the checkpoint's own prompts."""
+    pytest.importorskip("sklearn")
+    torch = pytest.importorskip("torch")
+    from xvla.config import get_preset
+    from xvla.experiments.analysis import prompt_projection
+    from xvla.model.xvla import XVLA
+    from xvla.sim.suite import SUITE
+
+    torch.manual_seed(0)
+    model = XVLA(get_preset("tiny"))
+    model.save_pretrained(tmp_path / "ckpt")
+    domains = {n: e.domain_id for n, e in SUITE.items() if not e.spec.held_out}  # ids 0-4 and 6
+    result = prompt_projection(tmp_path / "ckpt", domains)
+    points = result["domains"]
+    assert len(points) == 8 and points["domain_5"]["robot"] is None and points["domain_7"]["robot"] is None
+    assert points["rs_panda_side"]["robot"] == "Panda"
+    assert points["rs_panda_side"]["cameras"] == ["sideview", "robot0_eye_in_hand"]
+    prompts = model.transformer.soft_prompt_hub.weight.detach().double().numpy()
+    grouping = result["grouping"]
+    assert [(p["sources"], p["shares"]) for p in grouping["pairs"]] == [
+        (["rs_panda", "rs_panda_side"], ["robot"]),
+        (["rs_iiwa", "rs_panda_side"], ["view"]),
+    ]
+    assert grouping["pairs"][0]["distance"] == pytest.approx(float(np.linalg.norm(prompts[1] - prompts[6])))
+    other = [
+        np.linalg.norm(prompts[a] - prompts[b])
+        for i, a in enumerate((0, 1, 2, 3, 4, 6))
+        for b in (0, 1, 2, 3, 4, 6)[i + 1 :]
+        if {a, b} != {1, 6}
+    ]
+    assert len(other) == 14 and grouping["median_other_robot"] == pytest.approx(float(np.median(other)))
