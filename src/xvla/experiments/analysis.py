@@ -60,7 +60,7 @@ def robot_or_view(prompts: np.ndarray, domains: Mapping[str, Mapping[str, Any]])
     """
     named = [(n, d) for n, d in domains.items() if d.get("robot") is not None]
     other: list[float] = []
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for i, (a, da) in enumerate(named):
         for b, db in named[i + 1 :]:
             if da["domain_id"] == db["domain_id"]:
