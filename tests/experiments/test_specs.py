@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from xvla.demo.config import DemoConfig
 from xvla.experiments.runner import LOCK_FILE, RunOptions, claim, data_dirs, resolve_cells, run_cell
 from xvla.experiments.specs import EXPERIMENTS, Arm, ExperimentSpec, get_experiment
 
@@ -43,6 +44,18 @@ def test_pretraining_arms_differ_only_in_their_option() -> None:
     assert cells["frame_sampling"].replace(sampling="balanced") == xvla
     # same compute per arm
     assert len({(c.pretrain_steps, c.batch_size) for c in cells.values()}) == 1
+
+
+def test_two_views_arm_adds_the_second_panda_view_to_xvla_only() -> None:
+    """`prompts/xvla_two_views` is X-VLA (c) plus `rs_panda_side`; the demo's default sources stay as they were."""
+    (cell,) = resolve_cells("prompts", seeds=[0], arms=["xvla_two_views"])
+    xvla = {c.arm.name: c.config for c in resolve_cells("pretraining", seeds=[0])}["xvla"]
+    assert cell.config.pretrain_sources == (*xvla.pretrain_sources, "rs_panda_side:Lift")
+    assert cell.config.replace(pretrain_sources=xvla.pretrain_sources) == xvla
+    assert "rs_panda_side" not in DemoConfig().pretrain_names and "rs_panda" in DemoConfig().pretrain_names
+    # without --arms the grid also holds every pre-training and adaptation cell
+    keys = [c.key for c in resolve_cells("prompts", seeds=[0])]
+    assert keys[-1] == "prompts/xvla_two_views/seed_0" and "pretraining/xvla/seed_0" in keys
 
 
 def test_adaptation_cells_inherit_their_base_and_count_demonstrations() -> None:

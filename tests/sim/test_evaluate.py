@@ -127,7 +127,7 @@ def test_evaluate_rejects_bad_replies() -> None:
         evaluate(Empty, "rs_panda", 1, tasks=["Lift"], image_size=32, progress=False)
 
 
-@pytest.mark.parametrize("name", ["mw_sawyer", "rs_panda"])
+@pytest.mark.parametrize("name", ["mw_sawyer", "rs_panda", "rs_panda_side"])
 def test_oracle_reaches_expert_success(suite: Path, name: str) -> None:
     """The episodes' own anchors, through resampling and Source.canonical_to_native, solve the tasks."""
     result = oracle_check(suite, name, progress=False)

@@ -91,7 +91,7 @@ def test_selection_and_seeds() -> None:
     assert episode_seed(0, 1) == episode_seed(0, 1) != episode_seed(1, 1)
 
 
-@pytest.mark.parametrize("name", ["mw_sawyer", "rs_panda", "so100_bimanual"])
+@pytest.mark.parametrize("name", ["mw_sawyer", "rs_panda", "rs_panda_side", "so100_bimanual"])
 def test_expert_rollout_is_deterministic_per_seed(name: str) -> None:
     env = SUITE[name].factory(32)
     try:
@@ -138,7 +138,7 @@ def test_so100_cameras_frame_the_workspace() -> None:
         env.close()
 
 
-@pytest.mark.parametrize("name", ["rs_panda", "rs_ur5e", "rs_iiwa", "rs_kinova3"])
+@pytest.mark.parametrize("name", ["rs_panda", "rs_ur5e", "rs_iiwa", "rs_kinova3", "rs_panda_side"])
 def test_robosuite_fixed_camera_frames_the_cube(name: str) -> None:
     """At 64 px the shipped fixed cameras showed Lift's 4 cm cube 2.3-4.6 px wide (the IIWA's side view 2.3);
     the narrowed ones show it 5.4-6.8 px wide, inside the middle of the image."""
@@ -155,3 +155,32 @@ def test_robosuite_fixed_camera_frames_the_cube(name: str) -> None:
         assert np.all(np.abs(depth[:2] / (field / 2)) < 0.7), f"{name}: cube off centre {depth[:2]}"
     finally:
         env.close()
+
+
+def test_domain_ids_are_fixed_and_one_robot_has_two_views() -> None:
+    """Adding a source never renumbers the others (checkpoints and datasets keep their ids); `rs_panda_side` is
+    the Panda of `rs_panda` seen through another fixed camera, a pre-training source of its own domain."""
+    assert {n: e.domain_id for n, e in SUITE.items()} == {
+        "mw_sawyer": 0,
+        "rs_panda": 1,
+        "rs_ur5e": 2,
+        "rs_iiwa": 3,
+        "so100_bimanual": 4,
+        "rs_kinova3": 5,
+        "rs_panda_side": 6,
+    }
+    panda, side = SUITE["rs_panda"].spec, SUITE["rs_panda_side"].spec
+    assert side.robot == panda.robot and side.fps == panda.fps and side.tasks == panda.tasks
+    assert side.cameras[0] != panda.cameras[0] and side.cameras[1:] == panda.cameras[1:]
+    assert "rs_panda_side" in PRETRAIN
+
+
+def test_a_camera_name_is_one_viewpoint_across_robosuite_sources() -> None:
+    """The prompts analysis labels views by camera name: sources sharing a moved camera share its pose."""
+    from xvla.sim.robosuite_env import SETUPS
+
+    poses: dict[str, object] = {}
+    for setup in SETUPS.values():
+        for camera, pose in setup.moved.items():
+            assert poses.setdefault(camera, pose) == pose, camera
+    assert SETUPS["rs_panda_side"].moved == SETUPS["rs_iiwa"].moved

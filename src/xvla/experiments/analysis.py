@@ -16,8 +16,8 @@ BOOTSTRAP_RESAMPLES = 2000
 
 def prompt_projection(checkpoint: Path, domains: Mapping[str, int]) -> dict[str, Any]:
     """PCA (`xvla.demo.stages.soft_prompt_projection`) and t-SNE of a checkpoint's soft prompts, one point per
-    domain, with each suite source's robot and cameras (to see whether prompts group by robot or by view);
-    empty for a model without prompts."""
+    domain, with each suite source's robot and cameras, and `grouping` (`robot_or_view`: do prompts group by
+    robot or by view?); empty for a model without prompts."""
     from sklearn.manifold import TSNE
 
     from xvla.sim.suite import SUITE
@@ -41,7 +41,47 @@ def prompt_projection(checkpoint: Path, domains: Mapping[str, int]) -> dict[str,
             "robot": spec.robot if spec else None,
             "cameras": list(spec.cameras) if spec else None,
         }
-    return {"explained_variance": pca["explained_variance"], "domains": out}
+    return {
+        "explained_variance": pca["explained_variance"],
+        "domains": out,
+        "grouping": robot_or_view(prompts, out),
+    }
+
+
+def robot_or_view(prompts: np.ndarray, domains: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Whether prompts group by robot or by camera view, in the full prompt space.
+
+    prompts: [num_domains, len_soft_prompts * hidden]; domains: name -> {"domain_id", "robot", "cameras"} (robot
+    None for a domain that is no suite source: left out). A source's view is its first (fixed) camera; a camera
+    name is one viewpoint across the suite (robosuite_env.SETUPS). Returns `median_other_robot`, the median
+    Euclidean distance over pairs of prompts of different robots, and `pairs`: each pair that shares the robot
+    (one robot, two views) or the view (two robots, one view), its distance and `ratio` to that median. A
+    robot's two prompts at a ratio well below 1 while same-view pairs stay near 1: prompts group by robot.
+    """
+    named = [(n, d) for n, d in domains.items() if d.get("robot") is not None]
+    other: list[float] = []
+    pairs: list[dict[str, Any]] = []
+    for i, (a, da) in enumerate(named):
+        for b, db in named[i + 1 :]:
+            if da["domain_id"] == db["domain_id"]:
+                continue  # one shared domain (pretrain_domains=shared): one prompt
+            distance = float(np.linalg.norm(prompts[da["domain_id"]] - prompts[db["domain_id"]]))
+            if da["robot"] != db["robot"]:
+                other.append(distance)
+            shared = [
+                key
+                for key, same in (
+                    ("robot", da["robot"] == db["robot"]),
+                    ("view", da["cameras"][0] == db["cameras"][0]),
+                )
+                if same
+            ]
+            if shared:
+                pairs.append({"sources": [a, b], "shares": shared, "distance": distance})
+    median = float(np.median(other)) if other else None
+    for pair in pairs:
+        pair["ratio"] = pair["distance"] / median if median else None
+    return {"median_other_robot": median, "pairs": pairs}
 
 
 def proxy_points(cells: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -9,8 +9,11 @@ A cell is one arm at one seed; `xvla.experiments.runner` runs them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal, get_args
+
+from xvla.demo.config import DemoConfig
 
 CellKind = Literal["pretrain", "adapt", "scratch"]
 CELL_KINDS: tuple[str, ...] = get_args(CellKind)
@@ -128,6 +131,17 @@ def _adaptation_arms(demonstrations: tuple[int, ...]) -> tuple[Arm, ...]:
     return tuple(arms)
 
 
+# The default pre-training sources plus the Panda through a second camera (`rs_panda_side`, IIWA's side view):
+# one robot, two views, two domains, so the `prompts` experiment can tell grouping by robot from grouping by view.
+# rs_panda_side has domain 6, so this arm's models also hold Kinova3's domain 5, untrained (`domain_5`).
+TWO_VIEWS_SOURCES = (*DemoConfig().pretrain_sources, "rs_panda_side:Lift")
+TWO_VIEWS = Arm(
+    "xvla_two_views",
+    overrides=(f"pretrain_sources={json.dumps(list(TWO_VIEWS_SOURCES))}",),
+    description="X-VLA (c) with the Panda recorded twice: its agentview (rs_panda) and a side view (rs_panda_side)",
+)
+
+
 def _experiments() -> dict[str, ExperimentSpec]:
     specs = (
         ExperimentSpec(
@@ -145,8 +159,9 @@ def _experiments() -> dict[str, ExperimentSpec]:
         ),
         ExperimentSpec(
             "prompts",
-            "2-D projections (PCA, t-SNE) of the learned soft prompts of every pre-training and adapted cell",
-            (),
+            "2-D projections (PCA, t-SNE) of the learned soft prompts of every pre-training and adapted cell, "
+            "and X-VLA pre-trained with one robot seen through two cameras: do prompts group by robot or by view?",
+            (TWO_VIEWS,),
             includes=("pretraining", "adaptation"),
             analyses=("prompts",),
         ),

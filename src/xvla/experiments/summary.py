@@ -138,6 +138,13 @@ def _rate(p: Mapping[str, Any] | None) -> str:
     return text
 
 
+def _label(domain: Mapping[str, Any]) -> str:
+    """A prompt point's robot and view (its source's first camera); "-" for a domain that is no suite source."""
+    if domain["robot"] is None:
+        return "-"
+    return f"{domain['robot']}, {domain['cameras'][0]}"
+
+
 def markdown(summary: Mapping[str, Any], plots: Sequence[Path], folder: Path) -> str:
     lines = [
         f"# Experiment `{summary['experiment']}`",
@@ -185,10 +192,29 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path], folder: Path) ->
                 f"- validation {metric} vs success over {r['points']} checkpoint x source points: {text}"
             )
     if "prompts" in summary:
-        lines += ["", "## Soft prompts", ""]
+        lines += ["", "## Soft prompts", "", "Each domain: source (robot, view: its first camera)."]
+        pairs = []
         for key, value in summary["prompts"].items():
-            names = ", ".join(f"{n} ({d['robot']})" for n, d in value["domains"].items())
+            names = ", ".join(f"{n} ({_label(d)})" for n, d in value["domains"].items())
             lines.append(f"- {key}: {names}")
+            grouping = value.get("grouping") or {}  # absent in cells analysed before it existed
+            pairs += [(key, grouping["median_other_robot"], p) for p in grouping.get("pairs", [])]
+        if pairs:
+            lines += [
+                "",
+                "Robot or view? Euclidean distance between two full prompts that share the robot or the view, "
+                "and its ratio to the median distance between prompts of different robots (below 1: closer "
+                "than a typical pair of robots).",
+                "",
+                "| cell | sources | share | distance | median other-robot | ratio |",
+                "|---|---|---|---|---|---|",
+            ]
+            for key, median, p in pairs:
+                ratio = "-" if p["ratio"] is None else f"{p['ratio']:.2f}"
+                lines.append(
+                    f"| {key} | {' / '.join(p['sources'])} | {', '.join(p['shares'])} | {p['distance']:.4g} | "
+                    f"{'-' if median is None else f'{median:.4g}'} | {ratio} |"
+                )
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(folder)})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -234,11 +260,12 @@ def write_plots(summary: Mapping[str, Any], folder: Path) -> list[Path]:
         written.append(_save(fig, folder / "learning_curves.png"))
     for key, value in summary.get("prompts", {}).items():
         fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        robots = list(dict.fromkeys(d["robot"] for d in value["domains"].values()))  # one colour each
         for ax, method in zip(axes, ("pca", "tsne"), strict=True):
             for name, d in value["domains"].items():
-                ax.scatter(*d[method], s=60)
+                ax.scatter(*d[method], s=60, color=f"C{robots.index(d['robot']) % 10}")
                 ax.annotate(
-                    f"{name}\n{d['robot']}", d[method], fontsize=7, xytext=(4, 4), textcoords="offset points"
+                    f"{name}\n{_label(d)}", d[method], fontsize=7, xytext=(4, 4), textcoords="offset points"
                 )
             ax.set_title({"pca": "PCA", "tsne": "t-SNE"}[method])
         written.append(_save(fig, folder / f"prompts_{key.replace('/', '_')}.png"))

@@ -3,8 +3,8 @@
 Native action [7]: target grip-site position (m, world frame), target orientation as an axis-angle rotation
 vector (rad, world frame), gripper command (-1 open, +1 close). Native state [8]: grip-site position (m,
 world), orientation quaternion (x, y, z, w), gripper command in effect. Each robot gets its own rate and
-camera setup; the experts are short privileged-state state machines (align yaw, approach, descend, grasp,
-lift; Stack: carry, lower, release).
+camera setup (the Panda two: `rs_panda` and `rs_panda_side`); the experts are short privileged-state state
+machines (align yaw, approach, descend, grasp, lift; Stack: carry, lower, release).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def _pose(
 # policy's first chunk followed the cube only in part (docs/demo.md, "What limits success"). Each fixed camera
 # now looks at the workspace above the cube's range (about 30-40 cm across), where the cube is about 6 px.
 _WORKSPACE = (-0.05, 0.0, 0.9)
+# One side view for every source that uses it, so that a camera name is one viewpoint across the suite.
+_SIDEVIEW = _pose((-0.05, 0.75, 1.3), _WORKSPACE, 32.0)
 SETUPS: dict[str, RobosuiteSetup] = {
     "rs_panda": RobosuiteSetup(
         _spec("rs_panda", "Panda", 20.0, ("agentview", "robot0_eye_in_hand")),
@@ -73,11 +75,17 @@ SETUPS: dict[str, RobosuiteSetup] = {
     ),
     "rs_iiwa": RobosuiteSetup(
         _spec("rs_iiwa", "IIWA", 40.0, ("sideview", "robot0_eye_in_hand")),
-        {"sideview": _pose((-0.05, 0.75, 1.3), _WORKSPACE, 32.0)},
+        {"sideview": _SIDEVIEW},
     ),
     "rs_kinova3": RobosuiteSetup(
         _spec("rs_kinova3", "Kinova3", 20.0, ("birdview", "robot0_eye_in_hand"), held_out=True),
         {"birdview": _pose((0.35, -0.7, 1.35), (-0.05, 0.0, 0.88), 30.0)},
+    ),
+    # The Panda again with IIWA's side view instead of its own agentview: one robot, two camera setups, so the
+    # `prompts` experiment can tell whether soft prompts group by robot or by view.
+    "rs_panda_side": RobosuiteSetup(
+        _spec("rs_panda_side", "Panda", 20.0, ("sideview", "robot0_eye_in_hand")),
+        {"sideview": _SIDEVIEW},
     ),
 }
 

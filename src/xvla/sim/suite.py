@@ -138,7 +138,8 @@ def _build() -> dict[str, SuiteEntry]:
             targets="action",
         ),
     }
-    for domain_id, name in ((1, "rs_panda"), (2, "rs_ur5e"), (3, "rs_iiwa"), (5, "rs_kinova3")):
+    robosuite = ((1, "rs_panda"), (2, "rs_ur5e"), (3, "rs_iiwa"), (5, "rs_kinova3"), (6, "rs_panda_side"))
+    for domain_id, name in robosuite:
         entries[name] = SuiteEntry(
             specs[name],
             _robosuite(name),
