@@ -16,6 +16,14 @@ def test_training_threads_use_every_core_whatever_the_load(monkeypatch: pytest.M
     assert devices.default_threads() == len(os.sched_getaffinity(0))
 
 
+def test_cpu_training_takes_one_process_per_core_with_an_equal_batch_share() -> None:
+    assert devices.cpu_train_processes(32, 2) == 2
+    assert devices.cpu_train_processes(32, 3) == 2  # 32 does not split in 3
+    assert devices.cpu_train_processes(32, 16) == 4  # at least 8 samples each
+    assert devices.cpu_train_processes(4, 2) == 1  # the smoke scale's batch stays in one process
+    assert devices.cpu_train_processes(32, 1) == 1
+
+
 def test_device_names_are_checked() -> None:
     assert devices.resolve_device("cpu") == "cpu"
     assert devices.resolve_device("auto") in ("cpu", "cuda")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from xvla.configio import ConfigError
 from xvla.demo import SCALES, stages
+from xvla.demo.stages import Runtime
 
 from .results_helpers import RESULT_KEYS, SUMMARY_KEYS
 
@@ -31,6 +33,8 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
                 "cpu",
                 "--threads",
                 "1",
+                "--train-processes",  # every training stage as two DDP processes (torchrun, gloo)
+                "2",
                 "--no-progress",
                 "--set",
                 "source_weights.rs_panda=3",
@@ -48,6 +52,19 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
     # the learning curve: the intermediate checkpoint (step 2 of 4), then the final one, per pre-training source
     assert set(results["learning_curve"]) == set(cfg.pretrain_names)
     assert all([p["step"] for p in points] == [2, 4] for points in results["learning_curve"].values())
+    assert results["machine"]["train_processes"] == 2
+    # each process trained half of every batch, in lockstep
+    for run, steps in (
+        ("pretrain", cfg.pretrain_steps),
+        ("adapt", cfg.adapt_steps),
+        ("scratch", cfg.adapt_steps),
+    ):
+        folder = out / run / "checkpoints" / f"step_{steps:08d}"
+        assert sorted(p.name for p in (folder / "training_state").glob("rank_*.pt")) == [
+            "rank_0.pt",
+            "rank_1.pt",
+        ]
+        assert json.loads((out / run / "train_config.json").read_text())["batch_size"] == cfg.batch_size // 2
     assert set(results["data"]) == {*cfg.pretrain_names, held}
     weights = {
         s["name"]: s["weight"]
@@ -77,7 +94,7 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
 
 def test_skip_generate_without_data_names_the_missing_source(tmp_path: Path) -> None:
     pytest.importorskip("mujoco")
-    from xvla.demo.stages import Runtime, generate_data
+    from xvla.demo.stages import generate_data
 
     rt = Runtime(
         out=tmp_path,
@@ -90,6 +107,24 @@ def test_skip_generate_without_data_names_the_missing_source(tmp_path: Path) -> 
     )
     with pytest.raises(FileNotFoundError, match="--skip-generate: no generated dataset for 'mw_sawyer'"):
         generate_data(SCALES["smoke"], rt)
+
+
+def test_training_processes_need_the_cpu_and_a_batch_they_split() -> None:
+    common = {"out": Path("o"), "data": Path("d"), "workers": 1, "threads": 1}
+    with pytest.raises(ValueError, match="train_processes: expected 1, or more on device cpu; got 2 on cuda"):
+        Runtime(device="cuda", train_processes=2, **common)
+    rt = Runtime(device="cpu", train_processes=3, **common)
+    with pytest.raises(ConfigError, match="batch_size: 32 does not split over 3 training processes"):
+        stages.train_config(
+            SCALES["default"],
+            rt,
+            output=Path("o"),
+            model={},
+            mixture=Path("m"),
+            steps=4,
+            lr=1e-3,
+            prompt_steps=0,
+        )
 
 
 def test_learning_curve_steps_split_pretraining_evenly() -> None:

@@ -36,10 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="simulator processes for generation, oracle and evaluation (default: min(cores, 4))",
     )
     p.add_argument(
+        "--train-processes",
+        type=int,
+        default=None,
+        help="CPU training processes, DDP over gloo, each with its share of the batch (default: one per core "
+        "while each gets >= 8 samples)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch threads for CPU training (default: every core)",
+        help="torch threads of each training process (default: the cores divided among the processes)",
     )
     p.add_argument("--data", default=None, help="generated datasets folder (default OUT/data; cached)")
     p.add_argument(
@@ -65,12 +72,18 @@ def _cli(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else max(1, min(os.cpu_count() or 1, 4))
     if workers < 1:
         raise ValueError(f"--workers: expected >= 1, got {workers}")
+    device = devices.resolve_device(args.device)
+    cores = devices.default_threads()
+    processes = args.train_processes or (
+        devices.cpu_train_processes(cfg.batch_size, cores) if device == "cpu" else 1
+    )
     rt = Runtime(
         out=out,
         data=Path(args.data).expanduser().resolve() if args.data else out / "data",
-        device=devices.resolve_device(args.device),
+        device=device,
         workers=workers,
-        threads=args.threads or devices.default_threads(),
+        threads=args.threads or max(1, cores // processes),
+        train_processes=processes,
         skip_generate=args.skip_generate,
         progress=not args.no_progress,
     )

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,11 +29,20 @@ class Runtime:
     data: Path  # generated datasets (cached between runs)
     device: str  # "cpu" or "cuda"
     workers: int  # simulator processes (generation, oracle, evaluation)
-    threads: int  # torch threads of the training process
+    threads: int  # torch threads of each training process
     skip_generate: bool = False
+    # CPU training processes (DDP over gloo, each with `threads` threads and its share of the batch); 1 trains in
+    # this process.
+    train_processes: int = 1
     progress: bool = True
     # The held-out robot's datasets when not in `data` (experiments keep one folder per demonstration count).
     heldout_data: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_processes < 1 or (self.train_processes > 1 and self.device != "cpu"):
+            raise ValueError(
+                f"train_processes: expected 1, or more on device cpu; got {self.train_processes} on {self.device}"
+            )
 
 
 class _Console:
@@ -66,7 +75,7 @@ def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
         torch.set_num_threads(rt.threads)
     results: dict[str, Any] = {
         "config": cfg.to_dict(),
-        "machine": {**devices.machine_info(rt.device, rt.threads), "workers": rt.workers},
+        "machine": {**devices.machine_info(rt.device, rt.threads, rt.train_processes), "workers": rt.workers},
         "timing_s": {},
         "budget_s": dict(cfg.budget_s),
     }
@@ -98,7 +107,7 @@ def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
         3,
         "pretrain",
         f"{cfg.pretrain_steps} steps x batch {cfg.batch_size}, preset {cfg.preset!r} on {rt.device} "
-        f"({rt.threads} thread(s))",
+        f"({rt.train_processes} process(es) x {rt.threads} thread(s))",
         lambda: pretrain(cfg, rt, mixtures),
     )
     results["adapt"] = stage(
@@ -273,8 +282,13 @@ def train_config(
 ) -> Any:
     """The run's TrainConfig; a checkpoint every `steps // checkpoints` steps and at `steps`, all kept;
     validation at the last step, or at every checkpoint with `validate_checkpoints`."""
-    from xvla.configio import from_dict
+    from xvla.configio import ConfigError, from_dict
     from xvla.train.config import TrainConfig
+
+    if cfg.batch_size % rt.train_processes:
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} does not split over {rt.train_processes} training processes"
+        )
 
     return from_dict(
         TrainConfig,
@@ -305,7 +319,7 @@ def train_config(
             },
             "log": {"every": min(cfg.log_every, steps), "progress": rt.progress, "tensorboard": False},
             "steps": steps,
-            "batch_size": cfg.batch_size,
+            "batch_size": cfg.batch_size // rt.train_processes,  # per process: the global batch is the same
             "cpu": rt.device == "cpu",
             "seed": cfg.seed,
         },
@@ -353,7 +367,6 @@ def train_fresh(
     """Train a fresh `cfg.preset` model on `mixture` with one domain per source id; (checkpoint, num_domains).
     `resume` continues the run in `folder` from its latest checkpoint (or starts it)."""
     from xvla.data.sources import Mixture
-    from xvla.train.trainer import train
 
     num_domains = max(s.domain_id for s in Mixture.load(mixture).sources) + 1
     tcfg = train_config(
@@ -368,7 +381,21 @@ def train_fresh(
         checkpoints=checkpoints,
         validate_checkpoints=validate_checkpoints,
     )
-    return train(tcfg, resume=resume), num_domains
+    return run_training(tcfg, rt, resume=resume), num_domains
+
+
+def run_training(cfg: Any, rt: Runtime, *, resume: bool) -> Path:
+    """`xvla train` (a TrainConfig) or `xvla adapt` (an AdaptConfig) in this process, or as
+    `rt.train_processes` data-parallel processes; returns the final checkpoint folder."""
+    from xvla.train.adapt import adapt
+    from xvla.train.config import AdaptConfig
+    from xvla.train.distributed import launch_cpu
+    from xvla.train.trainer import train
+
+    command: Literal["train", "adapt"] = "adapt" if isinstance(cfg, AdaptConfig) else "train"
+    if rt.train_processes > 1:
+        return launch_cpu(command, cfg, processes=rt.train_processes, threads=rt.threads, resume=resume)
+    return adapt(cfg, resume=resume) if command == "adapt" else train(cfg, resume=resume)
 
 
 def pretrain(
@@ -418,7 +445,6 @@ def adapt_heldout(
     `checkpoints` > 1 the intermediate checkpoints are kept and validated (learning curves). `resume`
     continues the run in `rt.out / "adapt"` from its latest checkpoint (or starts it)."""
     from xvla.model.checkpoint import read_sources
-    from xvla.train.adapt import adapt
     from xvla.train.config import AdaptConfig, LoraSettings
     from xvla.train.run_folder import ADAPTATION_FILE
 
@@ -442,7 +468,7 @@ def adapt_heldout(
         retrieval_batches=2,
         lora=LoraSettings(save="merged"),
     )
-    checkpoint = adapt(acfg, resume=resume)
+    checkpoint = run_training(acfg, rt, resume=resume)
     notes = json.loads((folder / ADAPTATION_FILE).read_text())  # what adapt did (trainer.run writes it)
     new = notes["new_domains"][cfg.heldout_name]
     by_name = {n: int(d["domain_id"]) for n, d in read_sources(base).items()}

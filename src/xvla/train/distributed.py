@@ -1,15 +1,20 @@
 """How a run spreads over processes, on Hugging Face `accelerate` (the same code on CPU, one GPU, DDP and FSDP,
-one or many nodes): the `Accelerator`, and each process's data loader over its shard of the mixture.
+one or many nodes): the `Accelerator`, each process's data loader over its shard of the mixture, and the launcher
+of a data-parallel run on this machine's CPU cores.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
@@ -17,15 +22,20 @@ from accelerate.utils import DistributedType, ProjectConfiguration, send_to_devi
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from xvla.configio import ConfigError
+import xvla
+from xvla.configio import ConfigError, save_config
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.fast.training import LAYER_CLASSES  # the repeated layers: FSDP units
-from xvla.train.config import TrainConfig
+from xvla.train.checkpointing import checkpoint_path
+from xvla.train.config import AdaptConfig, TrainConfig
 from xvla.train.job import Job
 
 log = logging.getLogger(__name__)
+# DaViT's depthwise convolutions return their weight gradients channels-last while DDP's buckets are contiguous:
+# DDP copies those few kilobytes each step and says so in a warning on every rank.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator:
@@ -94,6 +104,52 @@ def _wandb_available() -> bool:
 
 def is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def launch_cpu(
+    command: Literal["train", "adapt"],
+    cfg: TrainConfig | AdaptConfig,
+    *,
+    processes: int,
+    threads: int,
+    resume: bool = False,
+) -> Path:
+    """Run `xvla train|adapt` on `cfg` as `processes` data-parallel processes on this machine's CPU (torchrun,
+    DDP over gloo, `threads` torch threads each) and wait; returns the final checkpoint folder.
+
+    `cfg.batch_size` is per process. On a small CPU one single-threaded process per core trains faster than one
+    process using every core (docs/performance.md): a model this size leaves intra-op threads idle.
+    """
+    train_cfg = cfg.train if isinstance(cfg, AdaptConfig) else cfg
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        # The children import this same xvla, installed or not.
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(xvla.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    with tempfile.TemporaryDirectory(prefix="xvla-launch-") as tmp:
+        config = Path(tmp) / f"{command}.json"
+        save_config(cfg, config)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "xvla.cli",
+            command,
+            str(config),
+            *(["--resume"] if resume else []),
+        ]
+        code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise RuntimeError(
+            f"xvla {command} in {processes} processes failed (exit code {code}); its error is printed above"
+        )
+    return checkpoint_path(train_cfg.output_dir, train_cfg.steps)
 
 
 # ------------------------------------------------------------------------------------------------------- data
