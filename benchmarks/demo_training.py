@@ -5,8 +5,8 @@ one side by side in one run, on the demo's own generated datasets.
     PYTHONPATH=src python benchmarks/demo_training.py --data DIR --steps 120 --rounds 3
 
 Each variant is the real trainer (`xvla.train.trainer.train`: MixtureDataset -> ObservationTransform -> model ->
-AdamW) on the demo's pre-training mixture, in its own process with its own torch thread count, for `--steps`
-steps; its rate is the median of the trainer's logged samples/s after the first log interval (validation and
+AdamW) on the demo's pre-training mixture, launched as the demo launches it (`launch_cpu`: torchrun, fresh
+processes with their own torch thread count), for `--steps` steps; its rate is the median of the trainer's logged samples/s after the first log interval (validation and
 checkpoint writes excluded). Variants take turns for `--rounds` rounds so that machine load hits them alike; the
 ratio of medians is the speed-up. Prints a table and writes benchmarks/results/demo_training_cpu.json.
 
@@ -15,8 +15,12 @@ Variants (`VARIANTS`):
   the encoders, 24 text tokens, batch 16, per-tensor AdamW, one torch thread (the old "idle cores" rule on a
   machine that just finished generating), every frame decoded from video at every draw. (The episode cache is the
   current one: the old 32-episode cap is no longer an option, so the ratio slightly understates the gain.)
-- `current`: `DemoConfig()` as it is (2x2 grid, no dropout, tanh GELU, 16 text tokens, batch 32, fused AdamW),
-  every core, decoded-frame cache (filled before the first step, so the rate is the steady one).
+- `one_process`: `DemoConfig()` as it is (2x2 grid, no dropout, tanh GELU, 16 text tokens, batch 32, fused
+  AdamW), decoded-frame cache (filled before the first step, so the rate is the steady one), one process using
+  every core: the demo's training before it went data-parallel on CPU.
+- `current`: the same as the demo trains it now: one process per core (`devices.cpu_train_processes`; DDP over
+  gloo), the cores divided among them as threads, each with its share of the batch (the global batch and the
+  recipe are unchanged) and its own frame cache.
 """
 
 from __future__ import annotations
@@ -24,10 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,22 @@ import _common as C
 from xvla import demo, devices
 from xvla.data.sources import Mixture
 from xvla.demo import stages
+from xvla.train.distributed import launch_cpu
 
-# name -> (DemoConfig changes, torch threads (None = every core), frame cache GiB, fused AdamW)
-VARIANTS: dict[str, tuple[dict[str, Any], int | None, float, bool]] = {
-    "previous": (
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    changes: dict[str, Any]  # DemoConfig fields
+    threads: int | None  # torch threads per training process (None: the cores divided among the processes)
+    cache_gib: float  # decoded-frame cache
+    fused: bool  # fused AdamW
+    processes: (
+        int | None
+    )  # data-parallel training processes (None: the demo's rule, devices.cpu_train_processes)
+
+
+VARIANTS: dict[str, Variant] = {
+    "previous": Variant(
         {
             "batch_size": 16,
             "model_overrides": {
@@ -54,22 +67,31 @@ VARIANTS: dict[str, tuple[dict[str, Any], int | None, float, bool]] = {
                 "max_text_len": 24,
             },
         },
-        1,
-        0.0,
-        False,
+        threads=1,
+        cache_gib=0.0,
+        fused=False,
+        processes=1,
     ),
-    "current": ({}, None, 1.0, True),
+    "one_process": Variant({}, threads=None, cache_gib=1.0, fused=True, processes=1),
+    "current": Variant({}, threads=None, cache_gib=1.0, fused=True, processes=None),
 }
 
 
-def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Path, int]:
-    """Write the variant's TrainConfig JSON (and mixture) into `folder`; returns (config path, threads)."""
-    from xvla.configio import save_config
-
-    changes, threads, cache_gib, fused = VARIANTS[name]
-    cfg = demo.DemoConfig().replace(**changes)
-    threads = threads or devices.default_threads()
-    rt = stages.Runtime(out=folder, data=data, device="cpu", workers=1, threads=threads, progress=False)
+def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Any, stages.Runtime]:
+    """The variant's TrainConfig (its mixture written into `folder`) and the Runtime that trains it."""
+    variant = VARIANTS[name]
+    cfg = demo.DemoConfig().replace(**variant.changes)
+    cores = devices.default_threads()
+    processes = variant.processes or devices.cpu_train_processes(cfg.batch_size, cores)
+    rt = stages.Runtime(
+        out=folder,
+        data=data,
+        device="cpu",
+        workers=1,
+        threads=variant.threads or max(1, cores // processes),
+        progress=False,
+        train_processes=processes,
+    )
     mixture = stages.cached_mixture(data, cfg.pretrain_sources, cfg.episodes)
     mixture = Mixture(tuple(dataclasses.replace(s, val_count=cfg.val_episodes) for s in mixture.sources))
     mixture.save(folder / "mixture.json")
@@ -86,27 +108,19 @@ def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Path,
     )
     tcfg = dataclasses.replace(
         tcfg,
-        data=dataclasses.replace(tcfg.data, frame_cache_gib=cache_gib),
-        optim=dataclasses.replace(tcfg.optim, fused=fused),
+        data=dataclasses.replace(tcfg.data, frame_cache_gib=variant.cache_gib),
+        optim=dataclasses.replace(tcfg.optim, fused=variant.fused),
         val=dataclasses.replace(tcfg.val, every=0),
         log=dataclasses.replace(tcfg.log, every=10),
     )
-    path = folder / "train_config.json"
-    save_config(tcfg, path)
-    return path, threads
+    return tcfg, rt
 
 
-def run_one(config: Path, threads: int) -> list[float]:
-    """Train in a fresh process; the logged samples/s after the first interval."""
-    code = (
-        "import sys, torch; torch.set_num_threads(int(sys.argv[2]));"
-        "from xvla.configio import load_config; from xvla.train.config import TrainConfig;"
-        "from xvla.train.trainer import train;"
-        "train(load_config(TrainConfig, sys.argv[1]))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(C.REPO / "src")}
-    subprocess.run([sys.executable, "-c", code, str(config), str(threads)], check=True, env=env)
-    history = json.loads((config.parent / "run" / "history.json").read_text())
+def run_one(tcfg: Any, rt: stages.Runtime) -> list[float]:
+    """Train in fresh process(es) through the demo's launcher; the logged (global) samples/s after the first
+    interval."""
+    launch_cpu("train", tcfg, processes=rt.train_processes, threads=rt.threads)
+    history = json.loads((Path(tcfg.output_dir) / "history.json").read_text())
     return history["scalars"]["train/samples_per_s"][1:]
 
 
@@ -118,29 +132,32 @@ def main() -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    threads: dict[str, int] = {}
+    layout: dict[str, tuple[int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name in VARIANTS:
                 folder = Path(tmp) / f"{name}-{r}"
                 folder.mkdir()
-                config, threads[name] = train_config(name, Path(args.data), folder, args.steps)
-                rates[name] += run_one(config, threads[name])
+                tcfg, rt = train_config(name, Path(args.data), folder, args.steps)
+                layout[name] = (rt.train_processes, rt.threads)
+                rates[name] += run_one(tcfg, rt)
                 print(f"round {r}: {name}: median {statistics.median(rates[name]):.1f} samples/s", flush=True)
     rows = []
     base = statistics.median(rates["previous"])
     for name, values in rates.items():
         med = statistics.median(values)
+        quartiles = statistics.quantiles(values, n=4)
         rows.append(
             {
                 "variant": name,
-                "threads": threads[name],
+                "processes": layout[name][0],
+                "threads": layout[name][1],
                 "samples_per_s": round(med, 1),
-                "iqr": round(statistics.quantiles(values, n=4)[2] - statistics.quantiles(values, n=4)[0], 1),
+                "iqr": round(quartiles[2] - quartiles[0], 1),
                 "speedup": round(med / base, 2),
             }
         )
-    C.print_table(rows, ["variant", "threads", "samples_per_s", "iqr", "speedup"])
+    C.print_table(rows, ["variant", "processes", "threads", "samples_per_s", "iqr", "speedup"])
     env = C.environment(C.pick_device("cpu"))
     C.write_json("demo_training_cpu", {"environment": env, "steps": args.steps, "rows": rows}, args.out)
     return 0
