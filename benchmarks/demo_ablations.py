@@ -4,7 +4,7 @@ demo's own generated datasets and evaluated on every pre-training task with the 
     PYTHONPATH=src python benchmarks/demo_ablations.py --data demo_out/data --out abl --arms base,lr2e-3
     PYTHONPATH=src python benchmarks/demo_ablations.py --out abl --table          # markdown table of finished arms
 
-Arms that differ only in evaluation settings (`replan_s`, `sample_steps`) share one training run. Every arm
+Arms that differ only in evaluation settings (`replan_s`, `sample_steps`, `noise_scale`) share one training run. Every arm
 writes `OUT/<training key>/pretrain/` (the run) and `OUT/arms/<arm>.json` (its config, training summary and
 success per task with 95% Wilson intervals); a finished arm is skipped on a rerun. Runs use `--threads` torch
 threads and `--workers` simulator processes, so two invocations with one thread each share a 2-core machine
@@ -34,6 +34,7 @@ EVAL_FIELDS = frozenset(
     {
         "replan_s",
         "sample_steps",
+        "noise_scale",
         "eval_episodes",
         "pre_adaptation_episodes",
         "untrained_episodes",
@@ -62,6 +63,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "replan0.6": {"replan_s": 0.6},
     "replan0.8": {"replan_s": 0.8},
     "steps5": {"sample_steps": 5},
+    "noise0": {"noise_scale": 0.0},
+    "noise0.5": {"noise_scale": 0.5},
     "lr2e-3": {"lr": 2e-3},
     "lr5e-4": {"lr": 5e-4},
     "lr2e-4": {"lr": 2e-4},

@@ -103,6 +103,25 @@ def test_batch_equals_single_with_seeded_noise(policy: Policy) -> None:
         np.testing.assert_allclose(policy.infer(obs)["anchors"], reply["anchors"], atol=1e-5)
 
 
+def test_noise_scale_zero_samples_one_deterministic_chunk(policy: Policy) -> None:
+    cold = Policy(
+        policy.model,
+        policy.tokenizer,
+        source=policy.source,
+        config=dataclasses.replace(policy.config, seed=None, noise_scale=0.0),  # fresh draws, scaled to 0
+    )
+    obs = robot_obs(np.random.default_rng(8))
+    first, second = cold.infer(obs)["anchors"], cold.infer(obs)["anchors"]
+    np.testing.assert_array_equal(first, second)
+    batch = {k: v[None] for k, v in cold.prepare(obs).inputs.items()}
+    zero = torch.zeros(1, policy.model.config.num_actions, policy.model.action_space.dim)
+    expected = policy.model.generate(batch, steps=policy.config.steps, noise=zero)[0].numpy()
+    np.testing.assert_allclose(first, expected, atol=1e-5)
+    assert not np.allclose(policy.infer(obs)["anchors"], first, atol=1e-3)  # the seeded unit noise differs
+    with pytest.raises(ValueError, match=r"PolicyConfig.noise_scale: expected a value in \[0, 1\], got 2.0"):
+        dataclasses.replace(policy.config, noise_scale=2.0)
+
+
 def test_step_queue_and_open_loop(policy: Policy) -> None:
     calls: list[np.ndarray] = []
     looped = Policy(

@@ -105,6 +105,7 @@ class DemoConfig:
     # "What limits success", item 12): 46/120 pre-training successes at 0.2, 66/120 at 0.4 and 0.6.
     replan_s: float = 0.4
     sample_steps: int = 10  # denoising steps per query
+    noise_scale: float = 1.0  # sampling temperature of the evaluated policies (`PolicyConfig.noise_scale`)
     # -- the wall-time promise of this scale (None: none); the report says whether the run kept it
     target_s: float | None = 25 * 60
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
@@ -195,6 +196,8 @@ class DemoConfig:
             raise ValueError(
                 f"DemoConfig.ema_decay: expected None or a value in (0, 1), got {self.ema_decay}"
             )
+        if not 0.0 <= self.noise_scale <= 1.0:
+            raise ValueError(f"DemoConfig.noise_scale: expected a value in [0, 1], got {self.noise_scale}")
         if self.replan_s <= 0 or self.lr <= 0 or self.adapt_lr <= 0:
             raise ValueError("DemoConfig.replan_s, lr and adapt_lr: expected values > 0")
         unknown = sorted(set(self.budget_s) - set(STAGES))

@@ -614,6 +614,7 @@ def eval_jobs(
         "image_size": cfg.image_size,
         "replan_s": cfg.replan_s,
         "steps": cfg.sample_steps,
+        "noise_scale": cfg.noise_scale,
         "seed": cfg.seed,
         "device": rt.device,
         "source": source.to_dict(),

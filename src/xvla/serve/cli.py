@@ -97,6 +97,12 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per query")
     p.add_argument("--seed", type=int, default=None, help="fixed sampling noise (reproducible outputs)")
+    p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=1.0,
+        help="sampling temperature in [0, 1]: the flow's initial noise is scaled by it (0: deterministic)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--fast",
@@ -114,7 +120,13 @@ def _policy(args: argparse.Namespace, source: str | None) -> Policy:
     if args.threads:
         torch.set_num_threads(args.threads)
     return Policy.from_checkpoint(
-        args.checkpoint, source=source, device=args.device, steps=args.steps, seed=args.seed, fast=args.fast
+        args.checkpoint,
+        source=source,
+        device=args.device,
+        steps=args.steps,
+        seed=args.seed,
+        fast=args.fast,
+        noise_scale=args.noise_scale,
     )
 
 

@@ -52,6 +52,9 @@ class PolicyConfig:
     latency_steps: int = 0  # `step()`: replies arrive this many control ticks after their query (simulated)
     seed: int | None = None  # fixed noise for every request (reproducible serving); None = fresh noise
     fast: bool | None = None  # model's fast inference path; None = on for CUDA devices, off elsewhere
+    # Sampling temperature: the flow starts from noise x `noise_scale` (1: the trained distribution; 0: one
+    # deterministic chunk per observation, the flow's path from the noise mean).
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -66,6 +69,8 @@ class PolicyConfig:
             )
         if self.latency_steps < 0:
             raise ValueError(f"PolicyConfig.latency_steps: expected >= 0, got {self.latency_steps}")
+        if not 0.0 <= self.noise_scale <= 1.0:
+            raise ValueError(f"PolicyConfig.noise_scale: expected a value in [0, 1], got {self.noise_scale}")
 
 
 def load_sources(folder: str | Path) -> dict[str, Source]:
@@ -123,6 +128,7 @@ class Policy:
         latency_steps: int = 0,
         seed: int | None = None,
         fast: bool | None = None,
+        noise_scale: float = 1.0,
         revision: str | None = None,
     ) -> Policy:
         """Load a checkpoint folder or hub id. `source`: a Source, the name of one in the checkpoint's
@@ -141,6 +147,7 @@ class Policy:
             latency_steps=latency_steps,
             seed=seed,
             fast=fast,
+            noise_scale=noise_scale,
         )
         return cls(
             model, load_tokenizer(folder), source=source, sources=sources, config=config, device=device
@@ -220,11 +227,12 @@ class Policy:
     # ------------------------------------------------------------------------------------------------- model
     def _noise(self, n: int) -> Tensor:
         shape = (self.model.config.num_actions, self.model.action_space.dim)
+        scale = self.config.noise_scale
         if self.config.seed is None:
-            return torch.randn(n, *shape)
+            return torch.randn(n, *shape) * scale
         # The same draw for every request, whatever batch it lands in: serving is reproducible.
         one = torch.randn(*shape, generator=torch.Generator().manual_seed(self.config.seed))
-        return one.expand(n, *shape).clone()
+        return one.expand(n, *shape) * scale
 
     @torch.inference_mode()
     def run(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
