@@ -155,7 +155,16 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
     mixtures = stages.generate_data(cfg, rt)
     summary_file = rt.out / "pretrain_summary.json"
     t0 = time.perf_counter()
-    if args.pretrained is not None:
+    demo_run = json.loads((args.from_demo / "results.json").read_text()) if args.from_demo else None
+    if demo_run is not None:
+        if (
+            training_key(cfg, adaptation=True)
+            != training_key(demo.SCALES[args.scale].replace(seed=args.seed), adaptation=True)
+            or demo_run["config"]["seed"] != args.seed
+        ):
+            raise SystemExit(f"--from-demo: arm {name!r} changes training, or the run has another seed")
+        summary = demo_run["pretrain"]
+    elif args.pretrained is not None:
         if key != training_key(demo.SCALES[args.scale].replace(seed=args.seed)):
             raise SystemExit(f"--pretrained: arm {name!r} changes pre-training; run it without --pretrained")
         summary = stages.training_summary(args.pretrained.parent.parent, args.pretrained)
@@ -174,7 +183,9 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
         art = dataclasses.replace(rt, out=rt.out / f"adapt-{training_key(cfg, adaptation=True)}")
         adapt_file = art.out / "adapt_summary.json"
         adapt_mixtures = stages.generate_data(cfg, art)
-        if adapt_file.exists():
+        if demo_run is not None:
+            adapted = {**demo_run["adapt"], "wall_s": None}
+        elif adapt_file.exists():
             adapted = json.loads(adapt_file.read_text())
         else:
             t2 = time.perf_counter()
@@ -254,6 +265,12 @@ def main() -> None:
         type=Path,
         help="a finished pre-training checkpoint of the unchanged scale (e.g. demo_out/pretrain/checkpoints/"
         "step_00001200) for arms that change only evaluation or adaptation",
+    )
+    parser.add_argument(
+        "--from-demo",
+        type=Path,
+        help="a finished `xvla demo` output folder of the unchanged scale and the same seed: its pre-trained and "
+        "adapted checkpoints, for arms that change only evaluation",
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table of finished arms and exit")
