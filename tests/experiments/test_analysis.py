@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xvla.experiments.analysis import proxy_points, rank_correlation, robot_or_view
+from xvla.experiments.analysis import proxy_correlations, proxy_points, rank_correlation, robot_or_view
 from xvla.experiments.summary import markdown, pool, seed_interval
 
 
@@ -48,6 +48,22 @@ def test_proxy_points_pair_validation_with_success_per_source() -> None:
         "success_rate": 0.25,
         "episodes": 4,
     }
+
+
+def test_proxy_correlations_pool_and_split_by_source() -> None:
+    # Two sources of different difficulty: within each, lower error comes with LESS success, yet pooled the
+    # hard source's high error and low success make the correlation negative: what the split is for.
+    def point(source: str, loss: float, success: float) -> dict[str, Any]:
+        return {"source": source, "flow_loss": loss, "l1": loss / 10, "success_rate": success}
+
+    points = [point("easy", 0.1 * i, 0.5 + 0.1 * i) for i in range(1, 5)]
+    points += [point("hard", 1 + 0.1 * i, 0.05 * i) for i in range(1, 5)]
+    result = proxy_correlations(points)
+    assert result["flow_loss"]["points"] == 8 and result["flow_loss"]["rho"] < 0
+    assert set(result["per_source"]) == {"easy", "hard"}
+    for name in ("easy", "hard"):
+        assert result["per_source"][name]["flow_loss"]["rho"] == pytest.approx(1.0)
+        assert result["per_source"][name]["l1"]["points"] == 4
 
 
 def test_pool_over_seeds() -> None:

@@ -69,6 +69,7 @@ def test_a_run_writes_every_cell_and_the_summary(grid: tuple[Path, dict[str, lis
     assert summary["cells"] == {"finished": 4, "total": 4}
     assert set(summary["arms"]) == {f"smoke/{a}" for a in ("xvla", "ablated", "two_step", "scratch")}
     assert summary["proxy"]["points"] and "rho" in summary["proxy"]["flow_loss"]
+    assert set(summary["proxy"]["per_source"]) == {p["source"] for p in summary["proxy"]["points"]}
     assert set(summary["prompts"]) == {"smoke/xvla/seed_0", "smoke/two_step/seed_0"}
     text = (out / "smoke/summary.md").read_text()
     assert "| smoke/xvla | pretrain | 1 | mw_sawyer |" in text

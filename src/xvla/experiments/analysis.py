@@ -108,6 +108,21 @@ def proxy_points(cells: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
+def proxy_correlations(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Spearman's rho of validation flow loss and L1 against success: pooled over every point, and within each
+    source (pooling mixes sources of different difficulty, which by itself correlates error with failure)."""
+
+    def both(subset: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        success = [p["success_rate"] for p in subset]
+        return {m: rank_correlation([p[m] for p in subset], success) for m in ("flow_loss", "l1")}
+
+    sources = sorted({p["source"] for p in points})
+    return {
+        **both(points),
+        "per_source": {name: both([p for p in points if p["source"] == name]) for name in sources},
+    }
+
+
 def rank_correlation(x: Sequence[float], y: Sequence[float], *, seed: int = 0) -> dict[str, Any]:
     """Spearman's rho of x and y with a 95% percentile bootstrap interval over the points (resampled with
     replacement); rho is None with fewer than 3 points or when either side is constant."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xvla.demo.report import write_json
-from xvla.experiments.analysis import proxy_points, rank_correlation
+from xvla.experiments.analysis import proxy_correlations, proxy_points
 from xvla.experiments.specs import ExperimentSpec
 from xvla.sim.evaluate import wilson_interval
 
@@ -112,13 +112,7 @@ def write_summary(
     }
     if "proxy" in spec.analyses:
         points = proxy_points(loaded.values())
-        summary["proxy"] = {
-            "points": points,
-            "flow_loss": rank_correlation(
-                [p["flow_loss"] for p in points], [p["success_rate"] for p in points]
-            ),
-            "l1": rank_correlation([p["l1"] for p in points], [p["success_rate"] for p in points]),
-        }
+        summary["proxy"] = {"points": points, **proxy_correlations(points)}
     if "prompts" in spec.analyses:
         summary["prompts"] = {key: r["prompts"] for key, r in loaded.items() if r["prompts"].get("domains")}
     write_json(folder / SUMMARY_JSON, summary)
@@ -183,13 +177,14 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path], folder: Path) ->
         lines += ["", "## Validation error as a proxy for success", ""]
         for metric in ("flow_loss", "l1"):
             r = summary["proxy"][metric]
-            text = (
-                f"Spearman rho {r['rho']:.2f} (95% bootstrap {r['ci95'][0]:.2f} to {r['ci95'][1]:.2f})"
-                if r["rho"] is not None
-                else "not defined (fewer than 3 points, or a constant side)"
-            )
             lines.append(
-                f"- validation {metric} vs success over {r['points']} checkpoint x source points: {text}"
+                f"- validation {metric} vs success over {r['points']} checkpoint x source points: {_rho(r)}"
+            )
+        lines += ["", "Within each source (the pooled points mix sources of different difficulty):", ""]
+        lines += ["| source | points | flow loss vs success | L1 vs success |", "|---|---|---|---|"]
+        for name, r in summary["proxy"]["per_source"].items():
+            lines.append(
+                f"| {name} | {r['flow_loss']['points']} | {_rho(r['flow_loss'])} | {_rho(r['l1'])} |"
             )
     if "prompts" in summary:
         lines += ["", "## Soft prompts", "", "Each domain: source (robot, view: its first camera)."]
@@ -287,3 +282,10 @@ def _save(fig: Any, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+def _rho(r: Mapping[str, Any]) -> str:
+    """A `rank_correlation` result as text."""
+    if r["rho"] is None:
+        return "not defined (fewer than 3 points, or a constant side)"
+    return f"Spearman rho {r['rho']:.2f} (95% bootstrap {r['ci95'][0]:.2f} to {r['ci95'][1]:.2f})"
