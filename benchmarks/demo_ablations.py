@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ _DEMO_MODEL = demo.DemoConfig().model_overrides
 ARMS: dict[str, dict[str, Any]] = {
     "base": {},
     "replan0.1": {"replan_s": 0.1},
+    "replan0.2": {"replan_s": 0.2},
     "replan0.4": {"replan_s": 0.4},
     "replan0.6": {"replan_s": 0.6},
     "replan0.8": {"replan_s": 0.8},
@@ -107,9 +109,15 @@ def evaluate_adapted(cfg: demo.DemoConfig, rt: stages.Runtime, mixture: Path, ad
 
 
 def evaluate_pretrained(
-    cfg: demo.DemoConfig, rt: stages.Runtime, mixture: Path, checkpoint: Path, episodes: int
+    cfg: demo.DemoConfig,
+    rt: stages.Runtime,
+    mixture: Path,
+    checkpoint: Path,
+    episodes: int,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Success of `checkpoint` on every pre-training task, `episodes` per task (the demo's evaluation seeds)."""
+    """Success of `checkpoint` on every pre-training task (of the sources in `only`, when given), `episodes` per
+    task (the demo's evaluation seeds)."""
     from xvla.data.sources import Mixture
     from xvla.sim.evaluate import wilson_interval
     from xvla.sim.suite import parse_selection
@@ -118,6 +126,7 @@ def evaluate_pretrained(
     jobs = [
         job
         for name, tasks in parse_selection(list(cfg.pretrain_sources)).items()
+        if only is None or name in only
         for job in stages.eval_jobs(cfg, rt, sources[name], tasks, str(checkpoint), episodes)
     ]
     grouped: dict[str, list[dict[str, Any]]] = {}
@@ -137,7 +146,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    record = args.out / "arms" / f"{name}.json"
+    record = args.out / "arms" / f"{name}{'-' + '+'.join(args.sources) if args.sources else ''}.json"
     if record.exists():
         return json.loads(record.read_text())
     cfg = demo.SCALES[args.scale].replace(seed=args.seed, **ARMS[name])
@@ -176,7 +185,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
         summary_file.write_text(json.dumps(summary))
     t1 = time.perf_counter()
     evaluation = evaluate_pretrained(
-        cfg, rt, mixtures["pretrain"], Path(summary["checkpoint"]), args.episodes
+        cfg, rt, mixtures["pretrain"], Path(summary["checkpoint"]), args.episodes, args.sources
     )
     heldout = None
     if args.heldout:
@@ -220,7 +229,9 @@ def table(out: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
     if not rows:
         return "no finished arms"
-    sources = list(rows[0]["per_source"])
+    sources = list(
+        dict.fromkeys(name for r in rows for name in r["per_source"])
+    )  # records may evaluate a subset
     head = ["arm", "changes", "samples/s", "val L1", *sources, "all", "held-out (adapted)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -271,6 +282,12 @@ def main() -> None:
         type=Path,
         help="a finished `xvla demo` output folder of the unchanged scale and the same seed: its pre-trained and "
         "adapted checkpoints, for arms that change only evaluation",
+    )
+    parser.add_argument(
+        "--sources",
+        type=lambda text: text.split(","),
+        default=None,
+        help="evaluate only these pre-training sources (comma-separated names; the record is named after them)",
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table of finished arms and exit")
