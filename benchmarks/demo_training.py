@@ -92,7 +92,7 @@ def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Any, 
         progress=False,
         train_processes=processes,
     )
-    mixture = stages.cached_mixture(data, cfg.pretrain_sources, cfg.episodes)
+    mixture = stages.cached_mixture(data, cfg.pretrain_sources, cfg.episodes, cfg.source_episodes)
     mixture = Mixture(tuple(dataclasses.replace(s, val_count=cfg.val_episodes) for s in mixture.sources))
     mixture.save(folder / "mixture.json")
     num_domains = max(s.domain_id for s in mixture.sources) + 1

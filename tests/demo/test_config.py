@@ -46,6 +46,13 @@ def test_overrides_are_typed_and_named() -> None:
         demo_config("smoke", ["ema_decay=[1]"])
     with pytest.raises(ValueError, match="ema_decay: expected None or a value in"):
         demo_config("smoke", ["ema_decay=2"])
+    assert demo_config("smoke", ["source_episodes.rs_panda=4"]).source_episodes == {"rs_panda": 4}
+    with pytest.raises(ValueError, match="source_episodes: 'so100_bimanual' is not a pre-training source"):
+        demo_config("smoke", ["source_episodes.so100_bimanual=40"])
+    with pytest.raises(
+        ValueError, match=r"source_episodes\['rs_panda'\]: expected an integer > val_episodes"
+    ):
+        demo_config("smoke", ["source_episodes.rs_panda=1"])
     assert demo_config("smoke", ["noise_scale=0"]).noise_scale == 0.0
     with pytest.raises(ValueError, match=r"DemoConfig.noise_scale: expected a value in \[0, 1\], got -1"):
         demo_config("smoke", ["noise_scale=-1"])

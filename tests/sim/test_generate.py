@@ -79,6 +79,20 @@ def test_resume_uses_staged_attempts(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not staging.exists()
 
 
+def test_episodes_by_source_override_the_count(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"episodes_by_source: \['rs_panda'\] not among the sources"):
+        generate_suite(["mw_sawyer"], episodes=1, out=tmp_path, episodes_by_source={"rs_panda": 2})
+    generate_suite(
+        ["mw_sawyer:button-press-topdown"],
+        episodes=1,
+        out=tmp_path,
+        image_size=32,
+        episodes_by_source={"mw_sawyer": 2},
+        progress=False,
+    )
+    assert len(read_manifest(tmp_path / "mw_sawyer")["episodes"]) == 2
+
+
 def test_selection_and_seeds() -> None:
     assert parse_selection(["mw_sawyer:push", "rs_panda"]) == {
         "mw_sawyer": ("push",),

@@ -40,6 +40,8 @@ class DemoConfig:
     # 40 episodes measured against 20 (docs/demo.md, items 16 and 18): alone 68/120 vs 52/120 on the pre-training
     # tasks, but with `proprio_gripper` 60/120 vs 66/120 and Kinova3 21/40 vs 31/40, for twice the generation time.
     episodes: int = 20  # successful expert episodes per pre-training source
+    # Episodes of particular pre-training sources (name -> count; the rest get `episodes`).
+    source_episodes: dict[str, int] = field(default_factory=dict)
     heldout_episodes: int = 20  # demonstrations of the held-out robot for adaptation
     val_episodes: int = 2  # per source, kept out of training for the validation error
     # Sampling weight per pre-training source name (the rest 1.0): the mixture draws a source by normalised
@@ -123,7 +125,14 @@ class DemoConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_sources", "model_overrides", "augment", "source_weights", "budget_s"):
+        for name in (
+            "pretrain_sources",
+            "model_overrides",
+            "augment",
+            "source_weights",
+            "source_episodes",
+            "budget_s",
+        ):
             value = getattr(self, name)
             if name == "pretrain_sources" and isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
@@ -167,6 +176,16 @@ class DemoConfig:
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
                 raise ValueError(
                     f"DemoConfig.source_weights[{name!r}]: expected a finite number > 0, got {weight!r}"
+                )
+        for name, count in self.source_episodes.items():
+            if name not in names:
+                raise ValueError(
+                    f"DemoConfig.source_episodes: {name!r} is not a pre-training source (expected one of {sorted(names)})"
+                )
+            if not (isinstance(count, int) and count > self.val_episodes):
+                raise ValueError(
+                    f"DemoConfig.source_episodes[{name!r}]: expected an integer > val_episodes "
+                    f"({self.val_episodes}), got {count!r}"
                 )
         for name, total in (("episodes", self.episodes), ("heldout_episodes", self.heldout_episodes)):
             if not self.val_episodes < total:

@@ -161,12 +161,12 @@ def generate_data(cfg: DemoConfig, rt: Runtime) -> dict[str, Path]:
     mixture_dir = rt.out / "mixtures"
     mixture_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for key, sources, episodes, data in (
-        ("pretrain", cfg.pretrain_sources, cfg.episodes, rt.data),
-        ("heldout", (cfg.heldout_source,), cfg.heldout_episodes, rt.heldout_data or rt.data),
+    for key, sources, episodes, by_source, data in (
+        ("pretrain", cfg.pretrain_sources, cfg.episodes, cfg.source_episodes, rt.data),
+        ("heldout", (cfg.heldout_source,), cfg.heldout_episodes, {}, rt.heldout_data or rt.data),
     ):
         if rt.skip_generate:
-            mixture = cached_mixture(data, sources, episodes)
+            mixture = cached_mixture(data, sources, episodes, by_source)
         else:
             written = generate_suite(
                 list(sources),
@@ -175,6 +175,7 @@ def generate_data(cfg: DemoConfig, rt: Runtime) -> dict[str, Path]:
                 workers=rt.workers,
                 image_size=cfg.image_size,
                 seed=cfg.seed,
+                episodes_by_source=by_source,
                 progress=rt.progress,
             )
             mixture = Mixture.load(written)
@@ -204,8 +205,11 @@ def training_source(cfg: DemoConfig, source: Any, *, pretraining: bool) -> Any:
     return dataclasses.replace(source, **changes)
 
 
-def cached_mixture(data: Path, sources: Sequence[str], episodes: int) -> Any:
-    """`--skip-generate`: the sources' datasets must already be in `data` with at least `episodes` episodes."""
+def cached_mixture(
+    data: Path, sources: Sequence[str], episodes: int, by_source: Mapping[str, int] | None = None
+) -> Any:
+    """`--skip-generate`: the sources' datasets must already be in `data` with at least `episodes` episodes
+    (`by_source[name]` for the sources it names)."""
     from xvla.data.sources import Mixture
     from xvla.sim.generate import read_manifest
     from xvla.sim.suite import entry, parse_selection
@@ -219,9 +223,10 @@ def cached_mixture(data: Path, sources: Sequence[str], episodes: int) -> Any:
             raise FileNotFoundError(
                 f"--skip-generate: no generated dataset for {name!r} in {data} ({err}); run without it once"
             ) from err
-        if len(manifest["episodes"]) < episodes:
+        needed = (by_source or {}).get(name, episodes)
+        if len(manifest["episodes"]) < needed:
             raise ValueError(
-                f"--skip-generate: {root} has {len(manifest['episodes'])} episodes, the demo needs {episodes}"
+                f"--skip-generate: {root} has {len(manifest['episodes'])} episodes, the demo needs {needed}"
             )
         found.append(entry(name).source(str(root.resolve())))
     return Mixture(tuple(found))

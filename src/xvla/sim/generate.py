@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,22 +341,27 @@ def generate_suite(
     image_size: int = 64,
     seed: int = 0,
     *,
+    episodes_by_source: Mapping[str, int] | None = None,
     progress: bool = True,
 ) -> Path:
     """Generate (or reuse) one dataset per source and write `<out>/mixture.json`; returns its path.
 
     sources: names, optionally with tasks (`"mw_sawyer:pick-place,push"`), or "all" / "pretrain"; default
-        all pre-training sources. `episodes` successful episodes per source, spread round-robin over its tasks.
+        all pre-training sources. `episodes` successful episodes per source (`episodes_by_source[name]` for the
+        sources it names), spread round-robin over its tasks.
     The mixture lists the requested sources with fixed domain ids; when held-out sources are among them,
     `pretrain.json` and `heldout.json` split it for pre-training and adaptation.
     """
     from xvla.data.sources import Mixture
 
-    if episodes < 1:
-        raise ValueError(f"episodes: expected >= 1, got {episodes}")
+    counts = dict(episodes_by_source or {})
+    if episodes < 1 or any(n < 1 for n in counts.values()):
+        raise ValueError(f"episodes: expected >= 1, got {episodes} (by source: {counts})")
     if image_size < 16 or image_size % 2:
         raise ValueError(f"image_size: expected an even number >= 16, got {image_size}")
     selection = parse_selection(list(sources) if sources else ["pretrain"])
+    if unknown := sorted(set(counts) - set(selection)):
+        raise ValueError(f"episodes_by_source: {unknown} not among the sources {sorted(selection)}")
     out = Path(out) if out is not None else cache_dir()
     out.mkdir(parents=True, exist_ok=True)
     pool = None
@@ -365,8 +370,9 @@ def generate_suite(
     report = {}
     try:
         for name, tasks in selection.items():
+            n = counts.get(name, episodes)
             manifest = generate_source(
-                name, tasks, episodes, out, image_size=image_size, seed=seed, pool=pool, progress=progress
+                name, tasks, n, out, image_size=image_size, seed=seed, pool=pool, progress=progress
             )
             report[name] = manifest["stats"]
     finally:
