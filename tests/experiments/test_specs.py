@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,22 @@ def test_claim_refuses_a_folder_of_another_configuration(tmp_path: Path) -> None
         ValueError, match=r"another configuration \(differs in demo, demo\.adapt_prompt_steps"
     ):
         claim(other, tmp_path)
+
+
+def test_claim_accepts_a_cell_from_before_a_field_was_added(tmp_path: Path) -> None:
+    # A cell run before DemoConfig.noise_scale existed: its config.json lacks the field, whose default is the
+    # behaviour the cell ran with; a rerun must resume it, not refuse it.
+    (cell,) = resolve_cells("smoke", arms=["xvla"])
+    claim(cell, tmp_path)
+    path = cell.folder(tmp_path) / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["demo"]["noise_scale"]
+    path.write_text(json.dumps(stored))
+    claim(cell, tmp_path)
+    stored["demo"]["sample_steps"] = 3  # a field the cell did set differently is still a different cell
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"differs in demo, demo\.sample_steps\)"):
+        claim(cell, tmp_path)
 
 
 def test_a_cell_another_process_runs_is_refused(tmp_path: Path) -> None:

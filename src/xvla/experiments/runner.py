@@ -207,6 +207,10 @@ def claim(cell: Cell, out: Path) -> None:
     wanted = json.loads(json.dumps(cell.description()))  # as it reads back (tuples become lists)
     if path.is_file():
         found = json.loads(path.read_text())
+        if isinstance(found.get("demo"), dict):
+            # A DemoConfig field added after the cell ran keeps its default, which is the old behaviour.
+            defaults = json.loads(json.dumps(DemoConfig().to_dict()))
+            found["demo"] = {**{k: v for k, v in defaults.items() if k not in found["demo"]}, **found["demo"]}
         if found != wanted:
             diffs = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             if "demo" in diffs:
