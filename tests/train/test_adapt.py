@@ -15,9 +15,10 @@ from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.tokenizer import load_tokenizer
 from xvla.model.xvla import XVLA
 from xvla.serve.policy import Policy
-from xvla.train.adapt import adapt, build_adapt_job, load_adapted, save_lora
+from xvla.train.adapt import adapt, build_adapt_job, load_adapted, rank_domains, save_lora
 from xvla.train.checkpointing import STATE
 from xvla.train.distributed import make_accelerator
+from xvla.train.job import load_mixture
 from xvla.train.run_folder import HISTORY_FILE
 
 from .helpers import adapt_config, mixture, source_dict
@@ -51,6 +52,33 @@ def test_grow_keeps_old_domains_and_copies_named_init(tmp_path, datasets, base_c
         assert torch.equal(before[d], after[d]), d  # every existing domain bit-identical
     assert torch.equal(after[4], after[0])  # initialised from arc_a (domain 0)
     assert job.adaptation["new_domains"]["arc_b"] == {"domain_id": 4, "init_from": "arc_a", "ranking": []}
+
+
+def test_retrieval_ranks_alike_whatever_the_process_count(tmp_path, datasets, base_checkpoint):
+    # Under DDP each process's batch_size is its share; retrieval probes with the global batch, so two processes
+    # of 1 sample rank on the same samples, t and noise as one process of 2 (it once probed with half of them).
+    one = adapt_config(
+        tmp_path / "a", base_checkpoint, mixture(datasets, ("arc_b",)), ("train.batch_size=2",)
+    )
+    two = adapt_config(
+        tmp_path / "b", base_checkpoint, mixture(datasets, ("arc_b",)), ("train.batch_size=1",)
+    )
+    model = XVLA.from_pretrained(base_checkpoint)
+    tokenizer = load_tokenizer(base_checkpoint)
+    (source,) = load_mixture(one.train).sources
+    candidates = {d: f"domain_{d}" for d in range(model.num_domains)}
+
+    class TwoProcesses:  # what rank_domains reads of a 2-process accelerator
+        num_processes = 2
+        device = torch.device("cpu")
+        autocast = make_accelerator(two.train, partial_training=True).autocast
+
+    single = rank_domains(
+        model, tokenizer, source, candidates, one, make_accelerator(one.train, partial_training=True)
+    )
+    split = rank_domains(model, tokenizer, source, candidates, two, TwoProcesses())  # type: ignore[arg-type]
+    assert [r["domain_id"] for r in split] == [r["domain_id"] for r in single]
+    np.testing.assert_allclose([r["loss"] for r in split], [r["loss"] for r in single], rtol=1e-6)
 
 
 def test_prompt_mode_with_retrieval_leaves_other_domains_bit_identical(tmp_path, datasets, base_checkpoint):

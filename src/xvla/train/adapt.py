@@ -169,13 +169,14 @@ def rank_domains(
     accelerator: Accelerator,
 ) -> list[dict[str, Any]]:
     """Flow loss of each existing domain's prompt and heads on `cfg.retrieval_batches` batches of `source`,
-    best first. Same batches, t and noise for every candidate; identical on every rank (rank 0's stream)."""
+    best first. Same batches, t and noise for every candidate; identical on every rank (rank 0's stream).
+    Batches are global (`batch_size` x processes), so the choice does not depend on how many processes run."""
     dataset = MixtureDataset(
         Mixture((source,)), split="train", seed=cfg.train.data.seed, split_seed=cfg.train.data.seed
     )
     loader = DataLoader(
         TransformedStream(dataset, ObservationTransform(model.config, tokenizer, train=False)),
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size * accelerator.num_processes,
         collate_fn=collate,
     )
     gen = torch.Generator().manual_seed(cfg.train.seed)
