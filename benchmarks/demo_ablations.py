@@ -229,9 +229,8 @@ def table(out: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
     if not rows:
         return "no finished arms"
-    sources = list(
-        dict.fromkeys(name for r in rows for name in r["per_source"])
-    )  # records may evaluate a subset
+    # Every record's sources, in order: a record may evaluate a subset (--sources).
+    sources = list(dict.fromkeys(name for r in rows for name in r["per_source"]))
     head = ["arm", "changes", "samples/s", "val L1", *sources, "all", "held-out (adapted)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

@@ -46,9 +46,8 @@ class Variant:
     threads: int | None  # torch threads per training process (None: the cores divided among the processes)
     cache_gib: float  # decoded-frame cache
     fused: bool  # fused AdamW
-    processes: (
-        int | None
-    )  # data-parallel training processes (None: the demo's rule, devices.cpu_train_processes)
+    # data-parallel training processes (None: the demo's rule, devices.cpu_train_processes)
+    processes: int | None
 
 
 VARIANTS: dict[str, Variant] = {
@@ -119,7 +118,7 @@ def train_config(name: str, data: Path, folder: Path, steps: int) -> tuple[Any, 
 def run_one(tcfg: Any, rt: stages.Runtime) -> list[float]:
     """Train in fresh process(es) through the demo's launcher; the logged (global) samples/s after the first
     interval."""
-    launch_cpu("train", tcfg, processes=rt.train_processes, threads=rt.threads)
+    launch_cpu(tcfg, processes=rt.train_processes, threads=rt.threads)
     history = json.loads((Path(tcfg.output_dir) / "history.json").read_text())
     return history["scalars"]["train/samples_per_s"][1:]
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from xvla.demo.config import STAGES, DemoConfig
 from xvla.demo.report import duration, summary_table, write_json, write_report
 from xvla.sim.evaluate import merge_evaluations
 from xvla.sim.jobs import SimJob, run_jobs
+
+if TYPE_CHECKING:
+    from xvla.train.config import AdaptConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,7 @@ def train_fresh(
     return run_training(tcfg, rt, resume=resume), num_domains
 
 
-def run_training(cfg: Any, rt: Runtime, *, resume: bool) -> Path:
+def run_training(cfg: TrainConfig | AdaptConfig, rt: Runtime, *, resume: bool) -> Path:
     """`xvla train` (a TrainConfig) or `xvla adapt` (an AdaptConfig) in this process, or as
     `rt.train_processes` data-parallel processes; returns the final checkpoint folder."""
     from xvla.train.adapt import adapt
@@ -397,10 +400,9 @@ def run_training(cfg: Any, rt: Runtime, *, resume: bool) -> Path:
     from xvla.train.distributed import launch_cpu
     from xvla.train.trainer import train
 
-    command: Literal["train", "adapt"] = "adapt" if isinstance(cfg, AdaptConfig) else "train"
     if rt.train_processes > 1:
-        return launch_cpu(command, cfg, processes=rt.train_processes, threads=rt.threads, resume=resume)
-    return adapt(cfg, resume=resume) if command == "adapt" else train(cfg, resume=resume)
+        return launch_cpu(cfg, processes=rt.train_processes, threads=rt.threads, resume=resume)
+    return adapt(cfg, resume=resume) if isinstance(cfg, AdaptConfig) else train(cfg, resume=resume)
 
 
 def pretrain(

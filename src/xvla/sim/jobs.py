@@ -17,7 +17,7 @@ class SimJob:
     """One simulator task: an oracle check of a source, or an evaluation of one (checkpoint, task).
 
     `options` of an oracle job: episodes, replan_s. Of an eval job: source (a `Source` dict), task, episodes,
-    image_size, replan_s, steps, seed, device, and optionally noise_scale, video_dir, videos."""
+    image_size, replan_s, steps, noise_scale, seed, device, and optionally video_dir, videos."""
 
     kind: Literal["oracle", "eval"]
     source: str  # suite source name
@@ -51,7 +51,7 @@ def run_job(job: SimJob) -> dict[str, Any]:
             device=o["device"],
             steps=o["steps"],
             seed=o["seed"],
-            noise_scale=o.get("noise_scale", 1.0),
+            noise_scale=o["noise_scale"],
         )
 
     return evaluate(

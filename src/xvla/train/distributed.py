@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
@@ -106,21 +106,15 @@ def is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def launch_cpu(
-    command: Literal["train", "adapt"],
-    cfg: TrainConfig | AdaptConfig,
-    *,
-    processes: int,
-    threads: int,
-    resume: bool = False,
-) -> Path:
-    """Run `xvla train|adapt` on `cfg` as `processes` data-parallel processes on this machine's CPU (torchrun,
-    DDP over gloo, `threads` torch threads each) and wait; returns the final checkpoint folder.
+def launch_cpu(cfg: TrainConfig | AdaptConfig, *, processes: int, threads: int, resume: bool = False) -> Path:
+    """Run `xvla train` (a TrainConfig) or `xvla adapt` (an AdaptConfig) on `cfg` as `processes` data-parallel
+    processes on this machine's CPU (torchrun, DDP over gloo, `threads` torch threads each) and wait; returns the
+    final checkpoint folder.
 
     `cfg.batch_size` is per process. On a small CPU one single-threaded process per core trains faster than one
     process using every core (docs/performance.md): a model this size leaves intra-op threads idle.
     """
-    train_cfg = cfg.train if isinstance(cfg, AdaptConfig) else cfg
+    command, train_cfg = ("adapt", cfg.train) if isinstance(cfg, AdaptConfig) else ("train", cfg)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
