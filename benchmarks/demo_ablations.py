@@ -74,6 +74,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "mlp2": {"model_overrides": {**_DEMO_MODEL, "head.mlp_ratio": 2.0}},
     "nojitter": {"augment": {"color_jitter": False, "shift_px": 0}},
     "shift4": {"augment": {"color_jitter": True, "shift_px": 4}},
+    "keypoints16": {"model_overrides": {**_DEMO_MODEL, "vision.keypoints": 16}},
     "head256x2": {"model_overrides": {**_DEMO_MODEL, "head.hidden_size": 256, "head.depth": 2}},
     "episodes40": {"episodes": 40, "heldout_episodes": 40},
     "hidden-gripper": {"model_overrides": {**_DEMO_MODEL, "proprio_gripper": False}},

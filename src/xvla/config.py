@@ -45,10 +45,21 @@ class VisionConfig:
     activation_function: str = "gelu"  # a transformers ACT2FN name
     max_position_embeddings: int = 50  # learned 2-D position table (rows and columns)
     max_temporal_embeddings: int = 100
+    # Beyond the released tower (0 = off, parity): one extra token per view holding the image coordinates of
+    # `keypoints` learned spatial-softmax keypoints of stage `keypoint_stage`'s finer feature map
+    # (`xvla.model.florence.SpatialKeypoints`). At 64 px the last stage is a 2 x 2 grid, the first 16 x 16.
+    keypoints: int = 0
+    keypoint_stage: int = 0
 
     def __post_init__(self) -> None:
         _tuplify(self)
         n = len(self.embed_dim)
+        if self.keypoints < 0:
+            raise ValueError(f"VisionConfig.keypoints: expected an integer >= 0, got {self.keypoints}")
+        if not 0 <= self.keypoint_stage < n:
+            raise ValueError(
+                f"VisionConfig.keypoint_stage: expected a stage index in [0, {n}), got {self.keypoint_stage}"
+            )
         for name in (
             "num_heads",
             "num_groups",
@@ -63,16 +74,17 @@ class VisionConfig:
                     f"VisionConfig.{name}: expected {n} entries (one per stage), got {getattr(self, name)}"
                 )
 
-    def feature_map_size(self, image_size: int) -> int:
-        """Side of the last stage's feature map for a square image of `image_size` pixels."""
+    def feature_map_size(self, image_size: int, stage: int = -1) -> int:
+        """Side of stage `stage`'s feature map (default the last) for a square image of `image_size` pixels."""
         side = image_size
-        for k, s, p in zip(self.patch_size, self.patch_stride, self.patch_padding, strict=True):
+        convs = list(zip(self.patch_size, self.patch_stride, self.patch_padding, strict=True))
+        for k, s, p in convs[: len(convs) if stage == -1 else stage + 1]:
             side = (side + 2 * p - k) // s + 1
         return side
 
     def tokens_per_view(self, image_size: int) -> int:
-        """1 pooled token + the flattened last-stage grid (224 px -> 1 + 7*7 = 50)."""
-        return 1 + self.feature_map_size(image_size) ** 2
+        """1 pooled token + the flattened last-stage grid (224 px -> 1 + 7*7 = 50) + 1 keypoint token if on."""
+        return 1 + self.feature_map_size(image_size) ** 2 + (1 if self.keypoints else 0)
 
 
 @dataclass(frozen=True)

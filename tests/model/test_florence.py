@@ -1,14 +1,23 @@
-"""The Florence-2 encoder on its own (xvla.model.florence): native config, feature shapes, views, key masks."""
+"""The Florence-2 encoder on its own (xvla.model.florence): native config, feature shapes, views, key masks,
+the optional keypoint token."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from xvla.config import XVLAConfig
+from xvla.config import VisionConfig, XVLAConfig
 from xvla.model import XVLA
 from xvla.model.fast.sampling import static_encode
-from xvla.model.florence import EncodedObservation, FlorenceEncoder, florence2_config, key_masks
+from xvla.model.florence import (
+    EncodedObservation,
+    FlorenceEncoder,
+    SpatialKeypoints,
+    florence2_config,
+    key_masks,
+)
 
 from .model_helpers import make_batch, small_config
 
@@ -81,7 +90,14 @@ def test_text_padding_mask_hides_pad_tokens(masked: bool) -> None:
     assert torch.allclose(a, b, atol=1e-6) == masked
 
 
-@pytest.mark.parametrize("changes", [{}, {"mask_text_padding": True, "mask_missing_views": True}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"mask_text_padding": True, "mask_missing_views": True},
+        {"vision": dataclasses.replace(small_config().vision, keypoints=4)},
+    ],
+)
 def test_static_encoder_matches_the_eager_one(changes: dict[str, object]) -> None:
     """The fast path's static-shape encoder (all views through DaViT, missing ones zeroed) gives the same features."""
     cfg = small_config(**changes)
@@ -93,6 +109,50 @@ def test_static_encoder_matches_the_eager_one(changes: dict[str, object]) -> Non
         eager, static = model.encode(*args), static_encode(model, *args, torch.float32)
     torch.testing.assert_close(static.vlm_features, eager.vlm_features, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(static.aux_features, eager.aux_features, atol=1e-5, rtol=1e-4)
-    assert (static.vlm_mask is None) == (eager.vlm_mask is None) == (not changes)
-    if changes:
+    masked = bool(changes.get("mask_text_padding"))
+    assert (static.vlm_mask is None) == (eager.vlm_mask is None) == (not masked)
+    if masked:
         assert torch.equal(static.vlm_mask, eager.vlm_mask) and torch.equal(static.aux_mask, eager.aux_mask)
+
+
+def _with_keypoints(cfg: XVLAConfig, keypoints: int = 4, stage: int = 1) -> XVLAConfig:
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, keypoints=keypoints, keypoint_stage=stage))
+
+
+def test_keypoint_token_is_appended_and_leaves_the_other_tokens_unchanged() -> None:
+    enc, cfg = _encoder()
+    kp_cfg = _with_keypoints(cfg)
+    assert kp_cfg.tokens_per_view == cfg.tokens_per_view + 1
+    kp_enc = FlorenceEncoder(kp_cfg).eval()
+    missing, unexpected = kp_enc.load_state_dict(enc.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("keypoints.") for k in missing)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain, with_kp = enc.encode_images(x), kp_enc.encode_images(x)
+    assert with_kp.shape == (3, cfg.tokens_per_view + 1, cfg.text.d_model)
+    torch.testing.assert_close(with_kp[:, :-1], plain)  # same tower, same grid tokens
+    out = _encode(kp_enc, make_batch(kp_cfg, b=2))
+    assert out.aux_features.shape == (2, (cfg.num_views - 1) * kp_cfg.tokens_per_view, cfg.text.d_model)
+
+
+def test_spatial_keypoints_find_the_peak() -> None:
+    """A keypoint map that copies one channel points at that channel's brightest cell, in [-1, 1] coordinates."""
+    kp = SpatialKeypoints(channels=2, keypoints=1, dim=4)
+    with torch.no_grad():
+        kp.maps.weight.zero_()
+        kp.maps.weight[0, 1] = 1.0
+        kp.maps.bias.zero_()
+        kp.log_temperature.fill_(-3.0)  # sharp softmax
+    feats = torch.zeros(1, 2, 5, 9)
+    feats[0, 1, 4, 2] = 1.0  # row 4 of 5 (y = +1), column 2 of 9 (x = -0.5)
+    captured: list[torch.Tensor] = []
+    kp.proj.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+    kp(feats)
+    torch.testing.assert_close(captured[0], torch.tensor([[-0.5, 1.0]]), atol=1e-3, rtol=0)
+
+
+def test_keypoint_stage_is_checked() -> None:
+    with pytest.raises(ValueError, match="keypoint_stage"):
+        VisionConfig(keypoints=4, keypoint_stage=4)
+    with pytest.raises(ValueError, match="keypoints"):
+        VisionConfig(keypoints=-1)

@@ -104,6 +104,34 @@ def key_masks(
     return vlm_mask, aux_mask
 
 
+class SpatialKeypoints(nn.Module):
+    """Feature map [N, C, h, w] -> one token [N, 1, D]: the expected image coordinates (x, y in [-1, 1]) of K
+    learned attention maps (spatial softmax, Levine et al. 2016; robomimic's image encoders), projected to D.
+
+    Why: at 64 px DaViT's last stage is a 2 x 2 grid, so where a 5-pixel cube lies must be carried in channels;
+    a softmax over a finer stage states it as coordinates, to a fraction of a cell."""
+
+    def __init__(self, channels: int, keypoints: int, dim: int) -> None:
+        super().__init__()
+        self.maps = nn.Conv2d(channels, keypoints, kernel_size=1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        self.proj = nn.Linear(2 * keypoints, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        n, _, h, w = feats.shape
+        logits = self.maps(feats).flatten(2) / self.log_temperature.exp()  # [N, K, h*w]
+        attn = logits.softmax(dim=-1)
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1.0, 1.0, h, device=feats.device, dtype=attn.dtype),
+            torch.linspace(-1.0, 1.0, w, device=feats.device, dtype=attn.dtype),
+            indexing="ij",
+        )
+        grid = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # [h*w, 2]
+        points = attn @ grid  # [N, K, 2]
+        return self.norm(self.proj(points.flatten(1)))[:, None]
+
+
 class FlorenceEncoder(nn.Module):
     """Encodes views and instruction into the features the head attends to."""
 
@@ -118,6 +146,12 @@ class FlorenceEncoder(nn.Module):
         self.multi_modal_projector = Florence2MultiModalProjector(native)
         self.language_model = nn.ModuleDict({"encoder": BartEncoder(text_config)})
         self._init_projector()
+        v = cfg.vision
+        self.keypoints = (
+            SpatialKeypoints(v.embed_dim[v.keypoint_stage], v.keypoints, cfg.text.d_model)
+            if v.keypoints
+            else None
+        )
 
     def _init_projector(self) -> None:
         """Florence-2's init (normal, std 0.02) for the projector, which is not a PreTrainedModel of its own;
@@ -132,9 +166,20 @@ class FlorenceEncoder(nn.Module):
         return self.language_model["encoder"]  # type: ignore[return-value]
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values [N, 3, H, W] -> projected, normalised image tokens [N, Nv, D] (Nv = 1 + h*w)."""
-        feats = self.vision_tower(pixel_values).last_hidden_state  # [N, C, h, w]
-        return self.multi_modal_projector(feats)
+        """pixel_values [N, 3, H, W] -> projected, normalised image tokens [N, Nv, D] (Nv = 1 + h*w, and one
+        keypoint token last when `vision.keypoints` is on)."""
+        if self.keypoints is None:
+            feats = self.vision_tower(pixel_values).last_hidden_state  # [N, C, h, w]
+            return self.multi_modal_projector(feats)
+        tower = self.vision_tower
+        hidden = pixel_values.to(next(tower.parameters()).dtype)
+        for stage, (conv, block) in enumerate(zip(tower.convs, tower.blocks, strict=True)):
+            hidden = conv(hidden)
+            for layer in cast(nn.ModuleList, block):
+                hidden = layer(hidden)
+            if stage == self.cfg.vision.keypoint_stage:
+                keypoints = self.keypoints(hidden)  # [N, 1, D]
+        return torch.cat([self.multi_modal_projector(hidden), keypoints.to(hidden.dtype)], dim=1)
 
     def forward(
         self,
