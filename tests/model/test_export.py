@@ -205,11 +205,11 @@ def test_the_authors_layout_holds_no_runtime_sizes() -> None:
         uncarried_fields(get_preset("tiny"), config_to_authors(get_preset("tiny"), "float32", "5"), "authors")
         == []
     )
-    demo = get_preset("demo")  # tanh GELU in DaViT, no head dropout: neither layout holds them
+    demo = get_preset("demo")  # exact GELU in the head, no head dropout: neither layout holds them
     names = {
         f.split("=")[0] for f in uncarried_fields(demo, config_to_lerobot(demo, "float32", "t"), "lerobot")
     }
-    assert {"vision.activation_function", "head.dropout"} <= names
+    assert {"head.activation", "head.dropout"} <= names
 
 
 def test_cli_refuses_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

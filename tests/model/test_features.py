@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -172,20 +173,31 @@ def test_presets_build() -> None:
         get_preset("huge")
 
 
-def test_encoder_activations_follow_the_config() -> None:
-    """The demo preset's tanh GELU reaches every vision and text MLP; the released default stays exact GELU
-    (a config without the field, as in older checkpoints, builds the authors' model)."""
+def test_activations_follow_the_config() -> None:
+    """The demo preset's exact GELU reaches every vision, text and head MLP; the released defaults stay exact GELU
+    in the encoders and tanh GELU in the head (a config without the fields, as in older checkpoints, builds the
+    authors' model)."""
     from transformers.activations import ACT2FN
 
     exact, tanh = type(ACT2FN["gelu"]), type(ACT2FN["gelu_pytorch_tanh"])
 
-    def acts(cfg: XVLAConfig) -> set[type]:
-        return {type(m) for m in XVLA(cfg).vlm.modules() if isinstance(m, exact | tanh)}
+    def acts(cfg: XVLAConfig) -> tuple[set[type], set[type]]:
+        model = XVLA(cfg)
+        return tuple(  # type: ignore[return-value]
+            {type(m) for m in part.modules() if isinstance(m, exact | tanh)}
+            for part in (model.vlm, model.transformer)
+        )
 
-    assert acts(get_preset("demo")) == {tanh}
+    assert acts(get_preset("demo")) == ({exact}, {exact})
     old = get_preset("tiny").to_dict()
-    del old["vision"]["activation_function"]
-    assert acts(XVLAConfig.from_dict(old)) == {exact}
+    del old["vision"]["activation_function"], old["head"]["activation"]
+    assert acts(XVLAConfig.from_dict(old)) == ({exact}, {tanh})
+    with pytest.raises(ValueError, match="HeadConfig.activation"):
+        XVLA(
+            get_preset("tiny").replace(
+                head=dataclasses.replace(get_preset("tiny").head, activation="gelu_fast!")
+            )
+        )
 
 
 def test_tokenizer_build_and_load(tmp_path) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from xvla.config import HeadConfig
 
@@ -102,10 +103,14 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float, activation: str) -> None:
         super().__init__()
+        if activation not in ACT2FN:
+            raise ValueError(
+                f"HeadConfig.activation: expected a transformers ACT2FN name, got {activation!r}"
+            )
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = ACT2FN[activation]
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
@@ -116,12 +121,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: x + Attn(LN x); x + MLP(LN x)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, activation: str) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout, activation)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), mask)
@@ -154,7 +159,7 @@ class SoftPromptedTransformer(nn.Module):
         self.cfg = cfg
         self.action_dim = action_dim
         self.blocks = nn.ModuleList(
-            Block(h, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+            Block(h, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.activation) for _ in range(cfg.depth)
         )
         if cfg.use_hetero_proj:
             self.vlm_proj: nn.Module = DomainAwareLinear(vlm_dim, h, cfg.num_domains)
