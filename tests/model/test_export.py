@@ -3,6 +3,7 @@ and what a layout cannot hold is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,10 @@ def test_the_authors_layout_holds_no_runtime_sizes() -> None:
         f.split("=")[0] for f in uncarried_fields(demo, config_to_lerobot(demo, "float32", "t"), "lerobot")
     }
     assert {"head.activation", "head.dropout"} <= names
+    keypoints = demo.replace(vision=dataclasses.replace(demo.vision, keypoints=4))
+    for layout, convert in (("lerobot", config_to_lerobot), ("authors", config_to_authors)):
+        fields = uncarried_fields(keypoints, convert(keypoints, "float32", "t"), layout)
+        assert "vision.keypoints" in {f.split("=")[0] for f in fields}
 
 
 def test_cli_refuses_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
