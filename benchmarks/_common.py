@@ -174,6 +174,9 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 
 def write_json(name: str, payload: dict[str, Any], out: str | None) -> Path:
+    """Write `payload` to `out`, or to benchmarks/results/`name` (a `.json` file name)."""
+    if not name.endswith(".json"):
+        raise ValueError(f"write_json: expected a .json file name, got {name!r}")
     path = Path(out) if out else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

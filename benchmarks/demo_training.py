@@ -159,7 +159,7 @@ def main() -> int:
         )
     C.print_table(rows, ["variant", "processes", "threads", "samples_per_s", "iqr", "speedup"])
     env = C.environment(C.pick_device("cpu"))
-    C.write_json("demo_training_cpu", {"environment": env, "steps": args.steps, "rows": rows}, args.out)
+    C.write_json("demo_training_cpu.json", {"environment": env, "steps": args.steps, "rows": rows}, args.out)
     return 0
 
 

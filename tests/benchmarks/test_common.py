@@ -1,0 +1,39 @@
+"""benchmarks/_common.py: result files are named `*.json` (demo_training.py once wrote one without the suffix)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _common() -> Any:
+    spec = importlib.util.spec_from_file_location("_common", BENCHMARKS / "_common.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_write_json_needs_a_json_name(tmp_path: Path) -> None:
+    common = _common()
+    with pytest.raises(ValueError, match="demo_training_cpu"):
+        common.write_json("demo_training_cpu", {}, None)
+    path = common.write_json("x.json", {"a": 1}, str(tmp_path / "x.json"))
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_every_benchmark_names_its_result_file_json() -> None:
+    """Literal names passed to write_json by the scripts end in .json (f-strings are checked by their tail)."""
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "write_json":
+                name = node.args[0]
+                tail = name.values[-1] if isinstance(name, ast.JoinedStr) else name
+                assert isinstance(tail, ast.Constant) and str(tail.value).endswith(".json"), script.name
