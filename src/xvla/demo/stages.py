@@ -95,8 +95,9 @@ def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
     mixtures = stage(
         1,
         "generate",
-        f"scripted experts: {cfg.episodes} episodes x {len(cfg.pretrain_sources)} pre-training sources, "
-        f"{cfg.heldout_episodes} of the held-out {cfg.heldout_name} ({rt.workers} worker(s), cached in {rt.data})",
+        f"scripted experts: {cfg.episodes} episodes x {len(cfg.pretrain_sources)} pre-training sources"
+        + "".join(f" ({name}: {n})" for name, n in sorted(cfg.source_episodes.items()))
+        + f", {cfg.heldout_episodes} of the held-out {cfg.heldout_name} ({rt.workers} worker(s), cached in {rt.data})",
         lambda: generate_data(cfg, rt),
     )
     results["data"] = describe_data(cfg, mixtures)
