@@ -72,6 +72,10 @@ def test_gripper_normalisation() -> None:
     binary = GripperConvention(open=-1.0, closed=1.0, binary=True)
     np.testing.assert_array_equal(binary.to_canonical(np.array([-1.0, -0.1, 0.2, 1.0])), [0, 0, 1, 1])
     np.testing.assert_array_equal(binary.to_native(np.array([0.1, 0.49, 0.51, 0.9])), [-1, -1, 1, 1])
+    # a lower close_at commits to the grasp earlier; recorded data are still read at the midpoint
+    eager = GripperConvention(open=-1.0, closed=1.0, binary=True, close_at=0.1)
+    np.testing.assert_array_equal(eager.to_native(np.array([0.05, 0.1, 0.3, 0.9])), [-1, 1, 1, 1])
+    np.testing.assert_array_equal(eager.to_canonical(np.array([-1.0, -0.1, 0.2, 1.0])), [0, 0, 1, 1])
 
 
 def test_problems_name_the_field() -> None:
@@ -84,3 +88,7 @@ def test_problems_name_the_field() -> None:
         "open/closed: expected two different values, got 1.0 for both"
     ]
     assert GripperConvention(open=float("nan")).problems()[0].startswith("open: expected a finite number")
+    for bad in (0.0, 1.0, True, "0.2"):
+        assert GripperConvention(close_at=bad).problems() == [  # type: ignore[arg-type]
+            f"close_at: expected a number strictly between 0 and 1, got {bad!r}"
+        ]

@@ -282,3 +282,24 @@ def test_check_views_against_a_model() -> None:
         r"model.overrides: \{mask_missing_views: true\}",
     ):
         _cameras(1, missing_views="mask").check_views(2, masks_missing_views=False)
+
+
+def test_with_close_at_changes_only_the_binary_grippers_of_the_action_stream() -> None:
+    from xvla.sim.suite import entry
+
+    robosuite = entry("rs_panda").source("data/rs_panda")
+    eager = robosuite.with_close_at(0.2)
+    assert [a.gripper_convention.close_at for a in eager.action.arms] == [0.2]  # type: ignore[union-attr]
+    assert eager.state == robosuite.state  # reading data is unchanged
+    assert Source.from_dict(eager.to_dict()) == eager  # saved with the source
+    chunk = np.zeros((1, robosuite.canonical_dim))
+    chunk[0, 3:9] = [1, 0, 0, 0, 1, 0]  # identity rotation
+    chunk[0, 9] = 0.3
+    state = np.zeros(8)
+    state[6] = 1.0  # identity quaternion (x, y, z, w)
+    assert robosuite.canonical_to_native(chunk, state)[0, 6] == -1.0  # open below 0.5
+    assert eager.canonical_to_native(chunk, state)[0, 6] == 1.0  # closed from 0.2
+    continuous = entry("so100_bimanual").source("data/so100")
+    assert continuous.with_close_at(0.2) == continuous  # no binary gripper
+    with pytest.raises(SourceError, match="close_at"):
+        robosuite.with_close_at(1.5)

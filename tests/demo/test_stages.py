@@ -134,3 +134,18 @@ def test_learning_curve_steps_split_pretraining_evenly() -> None:
     assert stages.curve_steps(cfg.replace(pretrain_steps=7, curve_points=1)) == [3]  # checkpoints at 3, 6, 7
     with pytest.raises(ValueError, match="curve_points"):
         SCALES["default"].replace(pretrain_steps=3, curve_points=3)
+
+
+def test_eval_jobs_serve_the_binary_grippers_with_the_scale_threshold() -> None:
+    from xvla.data.sources import Source
+    from xvla.sim.suite import entry
+
+    rt = Runtime(out=Path("o"), data=Path("d"), device="cpu", workers=1, threads=1)
+    source = entry("rs_kinova3").source("d/rs_kinova3")
+    cfg = SCALES["smoke"].replace(gripper_close_at=0.2)
+    (job,) = stages.eval_jobs(cfg, rt, source, ["Lift"], "ckpt", episodes=3)
+    served = Source.from_dict(job.options["source"])
+    assert [a.gripper_convention.close_at for a in served.action.arms] == [0.2]  # type: ignore[union-attr]
+    assert served.state == source.state
+    with pytest.raises(ValueError, match="gripper_close_at"):
+        SCALES["smoke"].replace(gripper_close_at=1.0)

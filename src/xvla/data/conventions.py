@@ -117,7 +117,10 @@ class GripperConvention:
 
     open: float = 0.0
     closed: float = 1.0
-    binary: bool = False  # a binary gripper is thresholded at the midpoint and never interpolated
+    binary: bool = False  # a binary gripper is thresholded and never interpolated
+    # A binary gripper's command is "closed" when the model's closed-probability reaches this (recorded data are
+    # read at the midpoint). Below 0.5 the robot commits to a grasp the policy is unsure of (docs/demo.md, item 30).
+    close_at: float = 0.5
 
     def problems(self) -> list[str]:
         out = []
@@ -129,6 +132,12 @@ class GripperConvention:
             out.append(f"open/closed: expected two different values, got {self.open} for both")
         if not isinstance(self.binary, bool):
             out.append(f"binary: expected true or false, got {self.binary!r}")
+        if (
+            isinstance(self.close_at, bool)
+            or not isinstance(self.close_at, (int, float))
+            or not 0 < self.close_at < 1
+        ):
+            out.append(f"close_at: expected a number strictly between 0 and 1, got {self.close_at!r}")
         return out
 
     def to_canonical(self, value: np.ndarray) -> np.ndarray:
@@ -138,8 +147,8 @@ class GripperConvention:
         return (g >= 0.5).astype(np.float64) if self.binary else g
 
     def to_native(self, value: np.ndarray) -> np.ndarray:
-        """[N] in [0, 1] (closed = 1; values outside are clipped) -> native [N]."""
+        """[N] in [0, 1] (closed = 1; values outside are clipped) -> native [N] (binary: closed from `close_at`)."""
         g = np.clip(np.asarray(value, dtype=np.float64), 0.0, 1.0)
         if self.binary:
-            g = (g >= 0.5).astype(np.float64)
+            g = (g >= self.close_at).astype(np.float64)
         return self.open + g * (self.closed - self.open)

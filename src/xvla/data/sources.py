@@ -306,6 +306,21 @@ class Source:
             out[:, base + 9] = grip
         return out
 
+    def with_close_at(self, close_at: float) -> Source:
+        """This source with every binary gripper of its action stream closing from `close_at`
+        (`GripperConvention.close_at`): a serving setting, the data are read as before."""
+        if self.action is None:
+            return self
+        arms = tuple(
+            dataclasses.replace(
+                arm, gripper_convention=dataclasses.replace(arm.gripper_convention, close_at=close_at)
+            )
+            if arm.gripper_convention.binary
+            else arm
+            for arm in self.action.arms
+        )
+        return dataclasses.replace(self, action=dataclasses.replace(self.action, arms=arms))
+
     # ------------------------------------------------------------ serialisation
 
     def to_dict(self) -> dict[str, Any]:

@@ -108,6 +108,9 @@ class DemoConfig:
     replan_s: float = 0.4
     sample_steps: int = 10  # denoising steps per query
     noise_scale: float = 1.0  # sampling temperature of the evaluated policies (`PolicyConfig.noise_scale`)
+    # Closed-probability from which the evaluated policies close a binary gripper (the robosuite arms;
+    # `GripperConvention.close_at`, set on the served Source).
+    gripper_close_at: float = 0.5
     # -- the wall-time promise of this scale (None: none); the report says whether the run kept it
     target_s: float | None = 25 * 60
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
@@ -217,6 +220,10 @@ class DemoConfig:
             )
         if not 0.0 <= self.noise_scale <= 1.0:
             raise ValueError(f"DemoConfig.noise_scale: expected a value in [0, 1], got {self.noise_scale}")
+        if not 0.0 < self.gripper_close_at < 1.0:
+            raise ValueError(
+                f"DemoConfig.gripper_close_at: expected a value strictly between 0 and 1, got {self.gripper_close_at}"
+            )
         if self.replan_s <= 0 or self.lr <= 0 or self.adapt_lr <= 0:
             raise ValueError("DemoConfig.replan_s, lr and adapt_lr: expected values > 0")
         unknown = sorted(set(self.budget_s) - set(STAGES))

@@ -616,8 +616,9 @@ def eval_jobs(
     label: str = "",
     **extra: Any,
 ) -> list[SimJob]:
-    """One closed-loop evaluation job per task of `source` (an `xvla.data.sources.Source`) with the scale's
-    evaluation settings (none when `episodes` is 0); `extra` goes into the job options (video_dir, videos)."""
+    """One closed-loop evaluation job per task of `source` (an `xvla.data.sources.Source`, its binary grippers
+    closing from `cfg.gripper_close_at`) with the scale's evaluation settings (none when `episodes` is 0); `extra`
+    goes into the job options (video_dir, videos)."""
     options = {
         "image_size": cfg.image_size,
         "replan_s": cfg.replan_s,
@@ -625,7 +626,7 @@ def eval_jobs(
         "noise_scale": cfg.noise_scale,
         "seed": cfg.seed,
         "device": rt.device,
-        "source": source.to_dict(),
+        "source": source.with_close_at(cfg.gripper_close_at).to_dict(),
         "episodes": episodes,
         **extra,
     }
