@@ -4,7 +4,7 @@ demo's own generated datasets and evaluated on every pre-training task with the 
     PYTHONPATH=src python benchmarks/demo_ablations.py --data demo_out/data --out abl --arms base,lr2e-3
     PYTHONPATH=src python benchmarks/demo_ablations.py --out abl --table          # markdown table of finished arms
 
-Arms that differ only in evaluation settings (`replan_s`, `sample_steps`, `noise_scale`) share one training run. Every arm
+Arms that differ only in evaluation settings (`replan_s`, `sample_steps`, `noise_scale`, `gripper_close_at`) share one training run. Every arm
 writes `OUT/<training key>/pretrain/` (the run) and `OUT/arms/<arm>.json` (its config, training summary and
 success per task with 95% Wilson intervals); a finished arm is skipped on a rerun. Runs use `--threads` torch
 threads and `--workers` simulator processes, so two invocations with one thread each share a 2-core machine
@@ -36,6 +36,7 @@ EVAL_FIELDS = frozenset(
         "replan_s",
         "sample_steps",
         "noise_scale",
+        "gripper_close_at",
         "eval_episodes",
         "pre_adaptation_episodes",
         "untrained_episodes",
@@ -67,6 +68,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "steps5": {"sample_steps": 5},
     "noise0": {"noise_scale": 0.0},
     "noise0.5": {"noise_scale": 0.5},
+    "close0.25": {"gripper_close_at": 0.25},
+    "close0.1": {"gripper_close_at": 0.1},
     "lr2e-3": {"lr": 2e-3},
     "lr5e-4": {"lr": 5e-4},
     "lr2e-4": {"lr": 2e-4},
