@@ -150,6 +150,19 @@ def test_claim_accepts_a_cell_from_before_a_field_was_added(tmp_path: Path) -> N
         claim(cell, tmp_path)
 
 
+def test_a_field_added_with_a_new_default_reads_as_the_old_behaviour(tmp_path: Path) -> None:
+    # Before DemoConfig.gripper_close_at existed every cell closed binary grippers at 0.5; the default is now 0.1,
+    # so an old cell is not the default cell and must not be resumed as one.
+    (cell,) = resolve_cells("smoke", arms=["xvla"])
+    claim(cell, tmp_path)
+    path = cell.folder(tmp_path) / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["demo"]["gripper_close_at"]
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"differs in demo, demo\.gripper_close_at\)"):
+        claim(cell, tmp_path)
+
+
 def test_a_cell_another_process_runs_is_refused(tmp_path: Path) -> None:
     (cell,) = resolve_cells("smoke", arms=["xvla"])
     folder = cell.folder(tmp_path)

@@ -201,6 +201,10 @@ def run_experiment(
     return {"ran": [c.key for c in todo], "skipped": [c.key for c in cells if c not in todo]}
 
 
+# DemoConfig fields added with a default that differs from what cells run before them did (field -> old behaviour).
+ADDED_FIELDS: dict[str, Any] = {"gripper_close_at": 0.5}
+
+
 def claim(cell: Cell, out: Path) -> None:
     """Write the cell's config.json, or refuse a folder that holds a cell with another configuration."""
     path = cell.folder(out) / CONFIG_FILE
@@ -208,8 +212,9 @@ def claim(cell: Cell, out: Path) -> None:
     if path.is_file():
         found = json.loads(path.read_text())
         if isinstance(found.get("demo"), dict):
-            # A DemoConfig field added after the cell ran keeps its default, which is the old behaviour.
-            defaults = json.loads(json.dumps(DemoConfig().to_dict()))
+            # A DemoConfig field added after the cell ran is read as the behaviour the cell ran with: its default,
+            # or, where the default is not the old behaviour, the value in ADDED_FIELDS.
+            defaults = {**json.loads(json.dumps(DemoConfig().to_dict())), **ADDED_FIELDS}
             found["demo"] = {**{k: v for k, v in defaults.items() if k not in found["demo"]}, **found["demo"]}
         if found != wanted:
             diffs = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
