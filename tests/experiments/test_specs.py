@@ -5,11 +5,12 @@ from __future__ import annotations
 import fcntl
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from xvla.demo.config import DemoConfig
-from xvla.experiments.runner import LOCK_FILE, RunOptions, claim, data_dirs, resolve_cells, run_cell
+from xvla.experiments.runner import LOCK_FILE, Cell, RunOptions, claim, data_dirs, resolve_cells, run_cell
 from xvla.experiments.specs import EXPERIMENTS, Arm, ExperimentSpec, get_experiment
 
 
@@ -134,15 +135,21 @@ def test_claim_refuses_a_folder_of_another_configuration(tmp_path: Path) -> None
         claim(other, tmp_path)
 
 
+def _claimed_without(field: str, out: Path) -> tuple[Cell, Path, dict[str, Any]]:
+    """A claimed smoke cell whose stored config.json lacks DemoConfig `field`, as a cell run before it existed."""
+    (cell,) = resolve_cells("smoke", arms=["xvla"])
+    claim(cell, out)
+    path = cell.folder(out) / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["demo"][field]
+    path.write_text(json.dumps(stored))
+    return cell, path, stored
+
+
 def test_claim_accepts_a_cell_from_before_a_field_was_added(tmp_path: Path) -> None:
     # A cell run before DemoConfig.noise_scale existed: its config.json lacks the field, whose default is the
     # behaviour the cell ran with; a rerun must resume it, not refuse it.
-    (cell,) = resolve_cells("smoke", arms=["xvla"])
-    claim(cell, tmp_path)
-    path = cell.folder(tmp_path) / "config.json"
-    stored = json.loads(path.read_text())
-    del stored["demo"]["noise_scale"]
-    path.write_text(json.dumps(stored))
+    cell, path, stored = _claimed_without("noise_scale", tmp_path)
     claim(cell, tmp_path)
     stored["demo"]["sample_steps"] = 3  # a field the cell did set differently is still a different cell
     path.write_text(json.dumps(stored))
@@ -153,12 +160,7 @@ def test_claim_accepts_a_cell_from_before_a_field_was_added(tmp_path: Path) -> N
 def test_a_field_added_with_a_new_default_reads_as_the_old_behaviour(tmp_path: Path) -> None:
     # Before DemoConfig.gripper_close_at existed every cell closed binary grippers at 0.5; the default is now 0.1,
     # so an old cell is not the default cell and must not be resumed as one.
-    (cell,) = resolve_cells("smoke", arms=["xvla"])
-    claim(cell, tmp_path)
-    path = cell.folder(tmp_path) / "config.json"
-    stored = json.loads(path.read_text())
-    del stored["demo"]["gripper_close_at"]
-    path.write_text(json.dumps(stored))
+    cell, _, _ = _claimed_without("gripper_close_at", tmp_path)
     with pytest.raises(ValueError, match=r"differs in demo, demo\.gripper_close_at\)"):
         claim(cell, tmp_path)
 
