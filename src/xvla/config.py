@@ -74,11 +74,10 @@ class VisionConfig:
                     f"VisionConfig.{name}: expected {n} entries (one per stage), got {getattr(self, name)}"
                 )
 
-    def feature_map_size(self, image_size: int, stage: int = -1) -> int:
-        """Side of stage `stage`'s feature map (default the last) for a square image of `image_size` pixels."""
+    def feature_map_size(self, image_size: int) -> int:
+        """Side of the last stage's feature map for a square image of `image_size` pixels."""
         side = image_size
-        convs = list(zip(self.patch_size, self.patch_stride, self.patch_padding, strict=True))
-        for k, s, p in convs[: len(convs) if stage == -1 else stage + 1]:
+        for k, s, p in zip(self.patch_size, self.patch_stride, self.patch_padding, strict=True):
             side = (side + 2 * p - k) // s + 1
         return side
 
