@@ -107,6 +107,11 @@ def test_action_spaces() -> None:
     )
     torch.testing.assert_close(ee["position_loss"].mean(), expected_pos)
     agi = build_action_space("agibot_ee6d")
+    assert (agi.layout, build_action_space("ee6d").layout, build_action_space("joint").layout) == (
+        "ee6d",
+        "ee6d",
+        "joint",
+    )
     p, x = agi.preprocess(torch.ones(2, 20), torch.ones(2, 30, 20))
     assert p.sum() == 40 and torch.equal(agi.postprocess(pred), pred)
     joint = build_action_space("joint")

@@ -166,6 +166,12 @@ def test_mixture_and_model_mismatch_errors(tmp_path, datasets, overrides, messag
         train(make_config(tmp_path / "run", mixture(datasets), overrides))
 
 
+def test_a_space_with_the_sources_layout_trains(tmp_path, datasets):
+    """agibot_ee6d differs from ee6d only in losses and masking: ee6d sources train it."""
+    train(make_config(tmp_path / "run", mixture(datasets), ("steps=2", "model.overrides.action_space=agibot_ee6d")))
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
 def test_missing_views_reach_the_batches_and_sources_json(tmp_path, datasets):
     """A source's `missing_views` fills the training batches (1 camera on the 2-view model) and is written to the
     checkpoint's sources.json; choices the model cannot honour are refused before training."""

@@ -29,6 +29,7 @@ def register_action_space(name: str) -> Callable[[type[ActionSpace]], type[Actio
         if name in _REGISTRY:
             raise ValueError(f"action space {name!r} is already registered")
         cls.name = name
+        cls.layout = cls.__dict__.get("layout") or name
         _REGISTRY[name] = cls
         return cls
 
@@ -61,6 +62,9 @@ class ActionSpace:
     """Base class. `dim` is the width the network reads and writes; `gripper_idx` channels are 0/1 targets."""
 
     name: ClassVar[str] = ""
+    # The data layout a source must provide (`Source.action_space`); spaces that differ only in losses and
+    # masking share one (agibot_ee6d reads ee6d data). Defaults to the space's own name.
+    layout: ClassVar[str] = ""
     dim: ClassVar[int]
     gripper_idx: ClassVar[tuple[int, ...]] = ()
     zero_gripper_inputs: ClassVar[bool] = False  # zero gripper channels of x_t and proprio before the net
@@ -147,6 +151,7 @@ class EE6DActionSpace(ActionSpace):
 class AgibotEE6DActionSpace(EE6DActionSpace):
     """ee6d layout, all MSE (gripper x10), nothing zeroed, no sigmoid."""
 
+    layout = "ee6d"
     zero_gripper_inputs = False
     gripper_logits = False
     gripper_weight = 10.0

@@ -89,12 +89,13 @@ def preset_tokenizer(name: str | None, config: XVLAConfig) -> Any:
 
 
 def check_mixture(mixture: Mixture, model: XVLA) -> None:
-    """Every source must speak the model's action space, use one of its domains and fit its views."""
-    space = model.config.action_space
+    """Every source must provide the model's action layout, use one of its domains and fit its views."""
+    space = model.action_space
     for s in mixture.sources:
-        if s.action_space != space:
+        if s.action_space != space.layout:
             raise ValueError(
-                f"mixture source {s.name!r}: action space {s.action_space!r} conflicts with the model's {space!r}"
+                f"mixture source {s.name!r}: action space {s.action_space!r} conflicts with the model's "
+                f"{space.name!r} (layout {space.layout!r})"
             )
         if s.canonical_dim != model.action_space.input_dim:
             raise ValueError(
