@@ -168,7 +168,11 @@ def test_mixture_and_model_mismatch_errors(tmp_path, datasets, overrides, messag
 
 def test_a_space_with_the_sources_layout_trains(tmp_path, datasets):
     """agibot_ee6d differs from ee6d only in losses and masking: ee6d sources train it."""
-    train(make_config(tmp_path / "run", mixture(datasets), ("steps=2", "model.overrides.action_space=agibot_ee6d")))
+    train(
+        make_config(
+            tmp_path / "run", mixture(datasets), ("steps=2", "model.overrides.action_space=agibot_ee6d")
+        )
+    )
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
