@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
-import threading
+
+from xvla.processes import exit_on_sigterm
 
 # Modules that provide `register(subparsers: argparse._SubParsersAction) -> None`.
 _COMMAND_MODULES = (
@@ -39,15 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # SIGTERM's default ends the process without unwinding: child processes (training workers, simulator
-    # pools) would be left running. As SystemExit, every `finally` and context manager stops its children.
-    sys.exit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_on_sigterm()  # a killed command stops its children (xvla.processes)
     parser = build_parser()
     args = parser.parse_args(argv)
     result = args.func(args)

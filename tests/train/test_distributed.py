@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -156,61 +154,3 @@ def test_one_rank_failing_a_checkpoint_write(tmp_path, datasets, ddp):
     assert weights.keys() == ddp["weights"].keys()
     for name, value in weights.items():
         assert torch.equal(value, ddp["weights"][name]), name
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie counts as gone: nothing may reap orphans inside a container)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc (Linux)")
-def test_sigterm_to_the_launcher_stops_its_whole_process_group(tmp_path):
-    """A launcher killed with SIGTERM (the way `kill` stops an `xvla demo`) takes torchrun and the training
-    workers with it: before, the workers of a killed demo went on training beside the next run."""
-    pids = tmp_path / "pids"
-    worker = (
-        "import subprocess, sys, time; "
-        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-        f"open({str(pids)!r}, 'w').write(f'{{g.pid}}\\n'); time.sleep(120)"
-    )
-    launcher = (
-        "import os, signal, sys; from xvla.cli import _exit_on_sigterm; "
-        "from xvla.train.distributed import run_process_group; "
-        "signal.signal(signal.SIGTERM, _exit_on_sigterm); "
-        f"run_process_group([sys.executable, '-c', {worker!r}], dict(os.environ))"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", launcher], env={**os.environ, "PYTHONPATH": str(REPO / "src")}
-    )
-    for _ in range(300):
-        if pids.exists() and pids.read_text().endswith("\n"):
-            break
-        time.sleep(0.1)
-    grandchild = int(pids.read_text())
-    assert _alive(grandchild)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-    for _ in range(100):
-        if not _alive(grandchild):
-            break
-        time.sleep(0.1)
-    assert not _alive(grandchild)
-
-
-def test_the_cli_turns_sigterm_into_an_exit(monkeypatch):
-    import argparse
-
-    from xvla import cli
-
-    parser = argparse.ArgumentParser()
-    parser.set_defaults(func=lambda args: 0)
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        assert cli.main([]) == 0
-        assert signal.getsignal(signal.SIGTERM) is cli._exit_on_sigterm
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -38,6 +38,7 @@ from xvla.demo import stages
 from xvla.demo.config import DemoConfig, demo_config
 from xvla.demo.report import write_json
 from xvla.experiments.specs import Arm, ExperimentSpec, get_experiment
+from xvla.processes import exit_on_sigterm, stop_pool
 
 CONFIG_FILE = "config.json"
 TRAIN_FILE = "train.json"
@@ -188,10 +189,17 @@ def run_experiment(
             # Worker processes that may start their own (data loaders on a GPU): not a daemonic mp.Pool.
             single = dataclasses.replace(opts, threads=1, sim_workers=1, progress=False)
             context = mp.get_context("spawn")
-            with ProcessPoolExecutor(min(opts.workers, len(wave)), mp_context=context) as pool:
+            pool = ProcessPoolExecutor(
+                min(opts.workers, len(wave)), mp_context=context, initializer=exit_on_sigterm
+            )
+            try:
                 for future in as_completed([pool.submit(run_cell, c, single) for c in wave]):
                     future.result()  # a failed cell stops the grid (the finished ones stay finished)
                     bar.update(1)
+            except BaseException:  # a failed cell, Ctrl-C or SIGTERM: stop the other cells now, not when done
+                stop_pool(pool)
+                raise
+            pool.shutdown()
         else:
             for cell in wave:
                 run_cell(cell, opts)

@@ -5,11 +5,8 @@ of a data-parallel run on this machine's CPU cores.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +27,7 @@ from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
 from xvla.model.fast.training import LAYER_CLASSES  # the repeated layers: FSDP units
+from xvla.processes import run_process_group
 from xvla.train.checkpointing import checkpoint_path
 from xvla.train.config import AdaptConfig, TrainConfig
 from xvla.train.job import Job
@@ -146,29 +144,6 @@ def launch_cpu(cfg: TrainConfig | AdaptConfig, *, processes: int, threads: int, 
             f"xvla {command} in {processes} processes failed (exit code {code}); its error is printed above"
         )
     return checkpoint_path(train_cfg.output_dir, train_cfg.steps)
-
-
-def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 10.0) -> int:
-    """Run `cmd` in a process group of its own and wait for its exit code. However the wait ends early (an
-    error, Ctrl-C, or SIGTERM, which `xvla.cli` turns into SystemExit) the whole group is stopped, SIGTERM and
-    after `grace_s` SIGKILL, so no training process outlives its launcher."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        return proc.wait()
-    finally:
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace_s)
-            _signal_group(
-                proc.pid, signal.SIGKILL
-            )  # whatever is left, workers of a launcher already gone included
-            proc.wait()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # nothing left in the group
-        os.killpg(pgid, sig)
 
 
 # ------------------------------------------------------------------------------------------------------- data
