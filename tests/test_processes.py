@@ -16,6 +16,8 @@ import pytest
 from xvla.processes import exit_on_sigterm, stop_pool
 
 REPO = Path(__file__).resolve().parents[1]
+# Process states are read from /proc, and process groups are POSIX.
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc (Linux)")
 
 
 def _alive(pid: int) -> bool:
@@ -26,7 +28,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc (Linux)")
 def test_sigterm_to_the_launcher_stops_its_whole_process_group(tmp_path: Path) -> None:
     """A launcher killed with SIGTERM (the way `kill` stops an `xvla demo`) takes torchrun and the training
     workers with it: before, the workers of a killed demo went on training beside the next run."""

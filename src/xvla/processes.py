@@ -39,9 +39,8 @@ def run_process_group(cmd: list[str], env: dict[str, str], grace_s: float = 10.0
             _signal_group(proc.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
-            _signal_group(
-                proc.pid, signal.SIGKILL
-            )  # whatever is left, workers of a launcher already gone included
+            # whatever is left, workers whose launcher has already gone included
+            _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

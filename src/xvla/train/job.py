@@ -97,10 +97,10 @@ def check_mixture(mixture: Mixture, model: XVLA) -> None:
                 f"mixture source {s.name!r}: action space {s.action_space!r} conflicts with the model's "
                 f"{space.name!r} (layout {space.layout!r})"
             )
-        if s.canonical_dim != model.action_space.input_dim:
+        if s.canonical_dim != space.input_dim:
             raise ValueError(
                 f"mixture source {s.name!r}: canonical dim {s.canonical_dim} != the model's action dim "
-                f"{model.action_space.input_dim}"
+                f"{space.input_dim}"
             )
         if not 0 <= s.domain_id < model.num_domains:
             raise ValueError(
