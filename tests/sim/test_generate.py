@@ -128,9 +128,10 @@ def test_cache_dir_follows_xvla_cache(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert generate.cache_dir() == tmp_path / "xdg" / "xvla" / "sim"
 
 
-def test_render_revision_invalidates_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A source whose images changed (SO-100's and robosuite's cameras, revision 1) is part of the settings a cached dataset
-    must match, so it is rebuilt; sources at revision 0 keep the settings they always had."""
+def test_revisions_invalidate_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source whose images changed (SO-100's and robosuite's cameras, revision 1) or whose expert changed
+    (robosuite's, revision 1) is part of the settings a cached dataset must match, so it is rebuilt; sources at
+    revision 0 keep the settings they always had."""
     assert generate._settings("mw_sawyer", ["drawer-open"], 2, 32, 0) == {
         "source": "mw_sawyer",
         "tasks": ["drawer-open"],
@@ -140,7 +141,9 @@ def test_render_revision_invalidates_datasets(monkeypatch: pytest.MonkeyPatch) -
     }
     so100 = generate._settings("so100_bimanual", ["transfer-cube"], 2, 32, 0)
     assert so100["render_revision"] == SUITE["so100_bimanual"].spec.render_revision >= 1
-    assert generate._settings("rs_panda", ["Lift"], 2, 32, 0)["render_revision"] >= 1
+    assert "expert_revision" not in so100
+    panda = generate._settings("rs_panda", ["Lift"], 2, 32, 0)
+    assert panda["render_revision"] >= 1 and panda["expert_revision"] >= 1
 
 
 def test_so100_cameras_frame_the_workspace() -> None:

@@ -31,6 +31,7 @@ class SimSpec:
         held_out: True for the adaptation robot never used in pre-training.
         render_revision: bumped whenever the source's images change (cameras, lighting), so that datasets
             generated before are rebuilt rather than mixed with new evaluation images.
+        expert_revision: bumped whenever the scripted expert's demonstrations change, for the same reason.
     """
 
     name: str
@@ -46,6 +47,7 @@ class SimSpec:
     flipped_cameras: tuple[str, ...] = ()
     held_out: bool = False
     render_revision: int = 0
+    expert_revision: int = 0
     notes: str = ""
 
     def __post_init__(self) -> None:

@@ -179,9 +179,14 @@ def _settings(name: str, tasks: Sequence[str], episodes: int, image_size: int, s
         "image_size": image_size,
         "seed": seed,
     }
-    revision = entry(name).spec.render_revision
-    if revision:  # absent at 0, so datasets of sources whose images never changed stay valid
-        settings["render_revision"] = revision
+    spec = entry(name).spec
+    # absent at 0, so datasets of sources whose images and expert never changed stay valid
+    for key, revision in (
+        ("render_revision", spec.render_revision),
+        ("expert_revision", spec.expert_revision),
+    ):
+        if revision:
+            settings[key] = revision
     return settings
 
 

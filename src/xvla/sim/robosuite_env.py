@@ -48,6 +48,7 @@ def _spec(name: str, robot: str, fps: float, cameras: tuple[str, ...], held_out:
         held_out=held_out,
         notes="OSC_POSE absolute world-frame targets (axis-angle); gripper -1 open, +1 close",
         render_revision=1,  # 1: fixed cameras narrowed onto the workspace (_WORKSPACE)
+        expert_revision=1,  # 1: Lift and Stack lift once the fingers stop, not after a fixed 0.6 s hold
     )
 
 
@@ -104,6 +105,7 @@ class _LiftStackExpert:
 
     SPEED = 0.35  # m/s of the commanded target
     TURN = 1.5  # rad/s of the commanded orientation
+    MIN_CLOSE_S = 0.15  # the fingers start moving a step or two after the close command
 
     def __init__(self, source: RobosuiteSource) -> None:
         self.src = source
@@ -113,6 +115,7 @@ class _LiftStackExpert:
         self.cmd_rot = Rotation.from_matrix(mat)
         self.phase = "approach"
         self.phase_time = 0.0
+        self.peak_finger_speed = 0.0  # of the current phase
         self.grasp_offset = np.zeros(3)
         self.grasp_z = 0.0
         self.release_pos = pos.copy()
@@ -127,6 +130,7 @@ class _LiftStackExpert:
 
     def _next(self, phase: str) -> None:
         self.phase, self.phase_time = phase, 0.0
+        self.peak_finger_speed = 0.0
 
     def __call__(self) -> np.ndarray:
         src = self.src
@@ -143,7 +147,13 @@ class _LiftStackExpert:
                 self._next("grasp")
         if self.phase == "grasp":
             goal, gripper = self.cmd_pos, 1.0
-            if self.phase_time > 0.6:
+            speed = self.src.finger_speed()
+            self.peak_finger_speed = max(self.peak_finger_speed, speed)
+            # Lift once the fingers have stopped on the cube, an event the wrist camera shows. A timed hold
+            # after they stop is a pause of unobservable length: a policy replanning more often than the pause
+            # lasts predicts it again from the same still scene at every query and never lifts (docs/demo.md).
+            stopped = self.phase_time >= self.MIN_CLOSE_S and speed < 0.1 * self.peak_finger_speed
+            if stopped or self.phase_time > 0.6:
                 self.grasp_offset, self.grasp_z = eef - obj, obj[2]
                 self._next("lift")
         if self.phase == "lift":
@@ -249,6 +259,11 @@ class RobosuiteSource(SimSource):
         data = self.env.sim.data._data
         site = self._site_id
         return data.site_xpos[site].copy(), data.site_xmat[site].reshape(3, 3).copy()
+
+    def finger_speed(self) -> float:
+        """Largest joint speed of the gripper's fingers (the gripper's own units: m/s or rad/s)."""
+        robot = self.env.robots[0]
+        return float(np.abs(self.env.sim.data.qvel[robot._ref_gripper_joint_vel_indexes["right"]]).max())
 
     def body_pos(self, body: str) -> np.ndarray:
         return self.env.sim.data._data.body(body).xpos.copy()
