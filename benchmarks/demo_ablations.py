@@ -77,7 +77,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "mlp2": {"model_overrides": {**_DEMO_MODEL, "head.mlp_ratio": 2.0}},
     "nojitter": {"augment": {"color_jitter": False, "shift_px": 0}},
     "shift4": {"augment": {"color_jitter": True, "shift_px": 4}},
-    "keypoints16": {"model_overrides": {**_DEMO_MODEL, "vision.keypoints": 16}},
+    "no-keypoints": {"model_overrides": {**_DEMO_MODEL, "vision.keypoints": 0}},  # item 27 without its token
     "head256x2": {"model_overrides": {**_DEMO_MODEL, "head.hidden_size": 256, "head.depth": 2}},
     "episodes40": {"episodes": 40, "heldout_episodes": 40},
     "hidden-gripper": {"model_overrides": {**_DEMO_MODEL, "proprio_gripper": False}},
@@ -86,6 +86,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "adapt-lr5e-4": {"adapt_lr": 5e-4},
     "adapt-steps300": {"adapt_steps": 300},
     "adapt-prompt200": {"adapt_prompt_steps": 200},
+    # the held-out robot's prompt and heads copied from a named pre-training domain instead of the retrieved one
+    "adapt-init-ur5e": {"adapt_init": "rs_ur5e"},
+    "adapt-init-panda": {"adapt_init": "rs_panda"},
+    "adapt-init-iiwa": {"adapt_init": "rs_iiwa"},
     # single-source overfit check (issue #12): the same budget on one robot alone
     "only-so100": {"pretrain_sources": ("so100_bimanual",)},
     "only-sawyer": {"pretrain_sources": ("mw_sawyer:button-press-topdown,drawer-open",)},

@@ -67,6 +67,10 @@ def test_overrides_are_typed_and_named() -> None:
         ({"sampling": "uniform"}, "DemoConfig.sampling: expected one of \\('balanced', 'frames'\\)"),
         ({"pretrain_domains": "one"}, "pretrain_domains"),
         ({"targets": "frames"}, "targets"),
+        (
+            {"adapt_init": "rs_kinova3"},
+            "DemoConfig.adapt_init: expected 'retrieval', 'scratch' or a pre-training",
+        ),
         ({"episodes": 0}, "episodes"),
         ({"budget_s": {"train": 1.0}}, "budget_s"),
         ({"augment": [1]}, "augment"),

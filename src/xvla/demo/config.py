@@ -215,6 +215,11 @@ class DemoConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"DemoConfig.{name}: expected one of {choices}, got {getattr(self, name)!r}")
+        if self.adapt_init not in ("retrieval", "scratch", *sorted(names)):
+            raise ValueError(
+                f"DemoConfig.adapt_init: expected 'retrieval', 'scratch' or a pre-training source name "
+                f"{sorted(names)}, got {self.adapt_init!r}"
+            )
         if self.curve_points >= self.pretrain_steps:
             raise ValueError(
                 f"DemoConfig.curve_points: expected fewer than pretrain_steps ({self.pretrain_steps}), "
