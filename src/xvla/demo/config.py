@@ -310,9 +310,13 @@ def _scales() -> dict[str, DemoConfig]:
             scale="cpu-long",
             target_s=2 * 3600,
             episodes=40,
+            # twice the SO-100 scenes and twice the steps of the first definition (docs/demo.md, Measured, 7
+            # December): 159/180 and 148/180 on the pre-training tasks over two seeds (SO-100 42/60), in about
+            # 65 minutes from nothing; the 4800-step, 40-episode scale used 49 minutes
+            source_episodes={"so100_bimanual": 80},
             heldout_episodes=40,
             val_episodes=3,
-            pretrain_steps=4800,
+            pretrain_steps=9600,
             curve_points=3,
             curve_episodes=10,
             adapt_prompt_steps=200,
@@ -322,12 +326,15 @@ def _scales() -> dict[str, DemoConfig]:
             untrained_episodes=10,
             pretrain_eval_episodes=30,
             oracle_episodes=4,
+            # the Xeon's stages (7 December, third session: pre-training with its three learning-curve
+            # evaluations 35:13 with ~15% of the machine taken by other jobs, adaptation and scratch 13:48,
+            # evaluation 6:05; generation of the 80 SO-100 and 40 x 5 other episodes about 9 minutes)
             budget_s={
-                "generate": 435,
+                "generate": 540,
                 "oracle": 20,
-                "pretrain": 1230,
-                "adapt": 935,
-                "evaluate": 335,
+                "pretrain": 2100,
+                "adapt": 830,
+                "evaluate": 365,
                 "report": 5,
             },
         ),
