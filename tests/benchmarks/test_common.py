@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from .scripts import BENCHMARKS, load_script
 
 
 def _common() -> Any:
-    spec = importlib.util.spec_from_file_location("_common", BENCHMARKS / "_common.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("_common")
 
 
 def test_write_json_needs_a_json_name(tmp_path: Path) -> None:

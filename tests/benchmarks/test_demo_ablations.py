@@ -3,24 +3,11 @@ only the adaptation keep the pre-training key (so `--pretrained` accepts them)."
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_ablations.py"
+from .scripts import load_script
 
-
-def _module() -> Any:
-    spec = importlib.util.spec_from_file_location("demo_ablations", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ABL = _module()
+ABL = load_script("demo_ablations")
 
 
 @pytest.mark.parametrize("name", sorted(ABL.ARMS))

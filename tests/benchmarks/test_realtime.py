@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "realtime.py"
+from .scripts import load_script
 
 
 def _module() -> Any:
-    spec = importlib.util.spec_from_file_location("realtime", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("realtime")
 
 
 def test_latency_ticks_round_up() -> None:

@@ -3,24 +3,18 @@ does not."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-pytest.importorskip("robosuite")
+from .scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scene_following.py"
+pytest.importorskip("robosuite")
 
 
 def _module() -> Any:
-    spec = importlib.util.spec_from_file_location("scene_following", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scene_following")
 
 
 class _Replay:
