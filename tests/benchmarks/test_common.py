@@ -5,19 +5,15 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .scripts import BENCHMARKS, load_script
 
-
-def _common() -> Any:
-    return load_script("_common")
+common = load_script("_common")
 
 
 def test_write_json_needs_a_json_name(tmp_path: Path) -> None:
-    common = _common()
     with pytest.raises(ValueError, match="demo_training_cpu"):
         common.write_json("demo_training_cpu", {}, None)
     path = common.write_json("x.json", {"a": 1}, str(tmp_path / "x.json"))

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .scripts import load_script
 
-
-def _module() -> Any:
-    return load_script("realtime")
+rt = load_script("realtime")
 
 
 def test_latency_ticks_round_up() -> None:
-    rt = _module()
     assert [rt.latency_ticks(ms, 10.0) for ms in (0, 100, 300, 101)] == [0, 1, 3, 2]
     assert rt.latency_ticks(300, 40.0) == 12
 
 
 def test_smoothness_by_hand() -> None:
-    rt = _module()
     # x moves 0, 0, 0, 1 (cm): one third difference of 1 cm; a boundary between ticks 2 and 3 (chunk 0 -> 1)
     # and one between a hold (-1) and chunk 0
     episode = {
@@ -33,7 +27,6 @@ def test_smoothness_by_hand() -> None:
 
 
 def test_table_lists_every_cell() -> None:
-    rt = _module()
     cell = {
         "name": "rtc",
         "latency_ms": 100.0,

@@ -13,8 +13,7 @@ from .scripts import load_script
 pytest.importorskip("robosuite")
 
 
-def _module() -> Any:
-    return load_script("scene_following")
+scene = load_script("scene_following")
 
 
 class _Replay:
@@ -34,7 +33,6 @@ def test_slope_separates_scene_following_from_average_motion() -> None:
     from xvla.sim.evaluate import eval_seed
     from xvla.sim.suite import SUITE
 
-    scene = _module()
     env = SUITE["rs_ur5e"].factory(32)
     steps, seeds = 6, 4
     try:

@@ -69,7 +69,7 @@ def test_overrides_are_typed_and_named() -> None:
         ({"targets": "frames"}, "targets"),
         (
             {"adapt_init": "rs_kinova3"},
-            "DemoConfig.adapt_init: expected 'retrieval', 'scratch' or a pre-training",
+            "DemoConfig.adapt_init: expected one of \\('retrieval', 'scratch'\\) or a pre-training",
         ),
         ({"episodes": 0}, "episodes"),
         ({"budget_s": {"train": 1.0}}, "budget_s"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from xvla import configio
-from xvla.train.modes import ADAPT_MODES, AdaptMode
+from xvla.train.modes import ADAPT_INITS, ADAPT_MODES, AdaptMode
 
 STAGES = ("generate", "oracle", "pretrain", "adapt", "evaluate", "report")
 PretrainDomains = Literal["per_source", "shared"]
@@ -215,9 +215,9 @@ class DemoConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"DemoConfig.{name}: expected one of {choices}, got {getattr(self, name)!r}")
-        if self.adapt_init not in ("retrieval", "scratch", *sorted(names)):
+        if self.adapt_init not in (*ADAPT_INITS, *names):
             raise ValueError(
-                f"DemoConfig.adapt_init: expected 'retrieval', 'scratch' or a pre-training source name "
+                f"DemoConfig.adapt_init: expected one of {ADAPT_INITS} or a pre-training source name "
                 f"{sorted(names)}, got {self.adapt_init!r}"
             )
         if self.curve_points >= self.pretrain_steps:

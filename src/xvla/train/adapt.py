@@ -36,6 +36,7 @@ from xvla.model.xvla import XVLA
 from xvla.train.config import AdaptConfig, LoraSettings
 from xvla.train.distributed import TransformedStream, make_accelerator
 from xvla.train.job import Job, check_mixture, load_mixture, merge_sources
+from xvla.train.modes import ADAPT_INITS
 from xvla.train.optim import ALL_GROUPS, PROMPT_PHASE_GROUPS
 from xvla.train.trainer import run
 
@@ -95,7 +96,7 @@ def build_adapt_job(cfg: AdaptConfig, accelerator: Accelerator) -> Job:
             by_name = {v: k for k, v in candidates.items()}
             if cfg.init not in by_name:
                 raise ConfigError(
-                    f"init: {cfg.init!r} is neither 'scratch', 'retrieval' nor a domain of {base} "
+                    f"init: {cfg.init!r} is neither one of {ADAPT_INITS} nor a domain of {base} "
                     f"(domains: {sorted(by_name)})"
                 )
             init_from = by_name[cfg.init]
