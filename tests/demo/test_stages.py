@@ -127,6 +127,16 @@ def test_training_processes_need_the_cpu_and_a_batch_they_split() -> None:
         )
 
 
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_every_training_run_takes_the_demo_precision(precision: str) -> None:
+    rt = Runtime(out=Path("o"), data=Path("d"), device="cpu", workers=1, threads=1, train_processes=2)
+    cfg = SCALES["default"].replace(precision=precision)
+    tcfg = stages.train_config(
+        cfg, rt, output=Path("o"), model={}, mixture=Path("m"), steps=4, lr=1e-3, prompt_steps=0
+    )
+    assert tcfg.precision == precision and tcfg.batch_size == cfg.batch_size // 2
+
+
 def test_learning_curve_steps_split_pretraining_evenly() -> None:
     cfg = SCALES["default"].replace(pretrain_steps=1200, curve_points=2)
     assert stages.curve_steps(cfg) == [400, 800]

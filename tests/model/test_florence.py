@@ -156,3 +156,33 @@ def test_keypoint_stage_is_checked() -> None:
         VisionConfig(keypoints=4, keypoint_stage=4)
     with pytest.raises(ValueError, match="keypoints"):
         VisionConfig(keypoints=-1)
+
+
+def test_every_attention_keeps_fp32_under_cpu_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoders' attention goes through xvla's registered SDPA (`florence.ATTENTION`) like the head's, so under
+    CPU bf16 autocast every SDPA call sees fp32 inputs, and the loss stays close to fp32's."""
+    import torch.nn.functional as F
+
+    dtypes: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        dtypes.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = XVLA(cfg).train()
+    batch = make_batch(cfg, 2)
+    t, noise = torch.tensor([0.3, 0.7]), torch.randn(2, cfg.num_actions, cfg.max_action_dim)
+    reference = model(batch, t=t, noise=noise).loss
+    expected_calls = len(dtypes)
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(batch, t=t, noise=noise).loss
+    assert len(dtypes) == expected_calls > cfg.head.depth  # the encoders' calls too, not only the head's
+    assert set(dtypes) == {torch.float32}
+    torch.testing.assert_close(loss.float(), reference, rtol=5e-2, atol=0.0)
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

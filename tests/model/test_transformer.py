@@ -12,6 +12,7 @@ from xvla.model.transformer import (
     Attention,
     DomainAwareLinear,
     SoftPromptedTransformer,
+    fp32_under_cpu_autocast,
     time_frequencies,
     timestep_embedding,
 )
@@ -126,3 +127,24 @@ def test_attention_key_mask() -> None:
     torch.testing.assert_close(out[:, :3], out_changed[:, :3])  # the masked key is never attended to
     with torch.no_grad():
         assert not torch.allclose(attn(x)[:, :3], attn(changed)[:, :3])  # unmasked it is
+
+
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast() -> None:
+    seen: list[torch.dtype] = []
+
+    def probe(q: torch.Tensor, k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        seen.append(q.dtype)
+        return (q @ k.transpose(-1, -2)) * scale
+
+    wrapped = fp32_under_cpu_autocast(probe)
+    q = torch.randn(2, 3, 4, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapped(q, k, scale=0.5)
+        plain = probe(q, k)  # the unwrapped matmul autocasts to bf16
+    assert seen == [torch.float32, torch.bfloat16]
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    out.sum().backward()  # the cast is differentiable: the bf16 input gets its gradient
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    seen.clear()
+    assert wrapped(q.float(), k).dtype == torch.float32 and seen == [torch.float32]  # no autocast: unchanged

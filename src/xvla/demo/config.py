@@ -76,6 +76,8 @@ class DemoConfig:
     # pre-training tasks (Panda 13/20 vs 0/20); at 5e-4 the loss was still falling at the last step.
     lr: float = 1e-3
     warmup_steps: int = 50
+    # TrainConfig.precision of every training run ("auto": bf16 autocast on GPU, fp32 on CPU)
+    precision: Literal["auto", "no", "bf16"] = "auto"
     ema_decay: float | None = None  # serve an exponential moving average of the weights (None: the raw ones)
     # The authors train the VLM and prompts at 0.1x because their VLM is pre-trained and their run is 200k
     # steps; this model starts from random weights and trains for minutes, so everything trains at 1x.

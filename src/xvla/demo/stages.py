@@ -330,6 +330,7 @@ def train_config(
             "steps": steps,
             "batch_size": cfg.batch_size // rt.train_processes,  # per process: the global batch is the same
             "cpu": rt.device == "cpu",
+            "precision": cfg.precision,
             "seed": cfg.seed,
         },
     )

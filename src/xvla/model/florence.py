@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import BartConfig, Florence2Config
+from transformers import AttentionInterface, BartConfig, Florence2Config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import (
     Florence2MultiModalProjector,
@@ -21,9 +23,17 @@ from transformers.models.florence2.modeling_florence2 import (
 )
 
 from xvla.config import XVLAConfig
+from xvla.model.transformer import fp32_under_cpu_autocast
 
 if TYPE_CHECKING:
     from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
+
+
+# transformers' SDPA attention (and its masks) for the encoders, kept in fp32 under CPU bf16 autocast like the
+# head's.
+ATTENTION = "xvla_sdpa"
+AttentionInterface.register(ATTENTION, fp32_under_cpu_autocast(sdpa_attention_forward))
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 @dataclass
@@ -81,7 +91,9 @@ def florence2_config(cfg: XVLAConfig) -> Florence2Config:
         bos_token_id=t.bos_token_id,
         eos_token_id=t.eos_token_id,
     )
-    return Florence2Config(vision_config=vision, text_config=text.to_dict())
+    native = Florence2Config(vision_config=vision, text_config=text.to_dict())
+    native._attn_implementation = ATTENTION  # the composite config's setter passes it to both sub-configs
+    return native
 
 
 def key_masks(

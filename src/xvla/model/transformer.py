@@ -6,9 +6,11 @@ so their weights load without renaming.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,30 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from xvla.config import HeadConfig
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def fp32_under_cpu_autocast(attention: _F) -> _F:
+    """`attention` run in fp32 while CPU bf16 autocast is on (unchanged otherwise).
+
+    torch 2.13's CPU flash-attention backward is ~5x slower in bf16 than in fp32 at this project's head sizes,
+    which cancels the bf16 matmul gain of CPU training (docs/performance.md); the attention is a small share of
+    the FLOPs, so it keeps fp32 and the linear layers around it run in bf16."""
+
+    @functools.wraps(attention)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_autocast_enabled("cpu"):
+            return attention(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False):
+            return attention(
+                *(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args), **kwargs
+            )
+
+    return wrapped  # type: ignore[return-value]
+
+
+scaled_dot_product_attention = fp32_under_cpu_autocast(F.scaled_dot_product_attention)
 
 
 def timestep_embedding(t: Tensor, freqs: Tensor) -> Tensor:
@@ -98,7 +124,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        x = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
