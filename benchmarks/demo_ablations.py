@@ -71,10 +71,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "close0.25": {"gripper_close_at": 0.25},
     "close0.1": {"gripper_close_at": 0.1},
     "lr2e-3": {"lr": 2e-3},
-    "bf16": {"precision": "bf16"},
     "lr5e-4": {"lr": 5e-4},
     "lr2e-4": {"lr": 2e-4},
     "ema0.99": {"ema_decay": 0.99},
+    "bf16": {"precision": "bf16"},  # bf16 autocast in every training run (fp32 master weights)
     "mlp2": {"model_overrides": {**_DEMO_MODEL, "head.mlp_ratio": 2.0}},
     "nojitter": {"augment": {"color_jitter": False, "shift_px": 0}},
     "shift4": {"augment": {"color_jitter": True, "shift_px": 4}},

@@ -119,10 +119,23 @@ def test_prompt_warmup_trains_only_prompts_and_heads(tmp_path, datasets):
     assert changed(mid, end) == {"vlm": True, "transformer": True, "soft_prompts": True, "action_heads": True}
 
 
-def test_overfits_a_tiny_dataset(tmp_path, datasets):
-    """4 episodes of one source: 80 steps bring the flow loss to ~1% of its start (the model can learn)."""
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process: a test that changes it starts and ends clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_overfits_a_tiny_dataset(tmp_path, datasets, precision, fresh_accelerator_state):
+    """4 episodes of one source: 80 steps bring the flow loss to ~1% of its start (the model can learn), in fp32
+    and under CPU bf16 autocast."""
     one = {"sources": [source_dict("arc_a", 0, datasets["arc_a"], val_count=0)]}
     overrides = (
+        f"precision='{precision}'",  # quoted: YAML reads a bare no as false
         "steps=80",
         "optim.prompt_warmup_steps=0",
         "optim.warmup_steps=10",
@@ -328,3 +341,14 @@ def test_sources_sharing_a_domain_train_and_validate_per_source(tmp_path, datase
     assert logged == {"arc_a": [None, None], "arc_b": [None, None]}
     (validation,) = json.loads((tmp_path / "run" / "validation.json").read_text())
     assert set(validation["per_source"]) == {"arc_a", "arc_b"}  # validation runs source by source
+
+
+@pytest.mark.parametrize(("bf16_cpu", "expected"), [(True, "bf16"), (False, "no")])
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_instructions(
+    tmp_path, datasets, monkeypatch, fresh_accelerator_state, bf16_cpu, expected
+):
+    from xvla import devices
+
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: bf16_cpu)
+    cfg = make_config(tmp_path / "run", mixture(datasets), ("precision=auto",))
+    assert make_accelerator(cfg, partial_training=False).mixed_precision == expected

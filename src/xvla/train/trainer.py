@@ -36,6 +36,8 @@ from xvla.train.job import Job, build_job
 from xvla.train.optim import build_optimizer, build_scheduler, set_trainable
 from xvla.train.validation import validate
 
+GLOO_DRAIN_S = 0.5  # seconds a multi-process CPU run waits at its end for gloo's worker thread (see `run`)
+
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """Train as `cfg` says; returns the final checkpoint folder. `resume` continues the run in
@@ -189,6 +191,12 @@ def run(cfg: TrainConfig, job: Job, accelerator: Accelerator, *, resume: bool) -
         paused += time.perf_counter() - pause_start
     bar.close()
     accelerator.end_training()
+    if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        # Gloo's worker thread can still hold the last reference to the final barrier's work, whose tensors are
+        # Python objects, and needs the GIL to free them; DDP's reducer, freed when this returns, destroys the
+        # process group and joins that thread while holding the GIL (torch 2.13: one rank of a 2-process CPU run
+        # hung there after its final checkpoint; pytorch#56297). Sleeping releases the GIL so the thread ends first.
+        time.sleep(GLOO_DRAIN_S)
     return final
 
 
