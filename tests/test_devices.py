@@ -29,19 +29,3 @@ def test_device_names_are_checked() -> None:
     assert devices.resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="--device: expected auto, cpu or cuda, got 'tpu'"):
         devices.resolve_device("tpu")
-
-
-@pytest.mark.parametrize(
-    ("flags", "expected"),
-    [
-        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # AMD EPYC (Zen 4)
-        ("fpu avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
-        ("fpu avx2 avx512f avx512_vnni", False),  # AVX-512 without bf16 dot products
-        (None, False),  # no /proc/cpuinfo (macOS, Windows)
-    ],
-)
-def test_bf16_instructions_are_read_from_the_cpu_flags(
-    monkeypatch: pytest.MonkeyPatch, flags: str | None, expected: bool
-) -> None:
-    monkeypatch.setattr(devices, "_cpuinfo", lambda field: flags if field == "flags" else None)
-    assert devices.cpu_has_bf16() is expected

@@ -35,27 +35,15 @@ def cpu_train_processes(batch_size: int, cores: int) -> int:
     return max(p for p in range(1, cores + 1) if p == 1 or (batch_size % p == 0 and batch_size // p >= 8))
 
 
-def _cpuinfo(field: str) -> str | None:
-    """The first processor's `field` in Linux /proc/cpuinfo (None elsewhere or when absent)."""
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else the architecture."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == field:
+            if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return None
-
-
-def cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo), else the architecture."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16; Linux). There bf16 autocast
-    trains the demo model 1.2x faster than fp32 (docs/performance.md); elsewhere it is not measured, so "auto"
-    precision stays fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & set((_cpuinfo("flags") or "").split()))
+    return platform.processor() or platform.machine()
 
 
 def machine_info(device: str, threads: int, processes: int) -> dict[str, Any]:
@@ -67,7 +55,6 @@ def machine_info(device: str, threads: int, processes: int) -> dict[str, Any]:
         # The widest SIMD torch uses here: kernels differ across it, and with them float sums, so a run
         # reproduces on machines of the same CPU kind and thread count, not across kinds.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16": cpu_has_bf16(),  # decides "auto" training precision on CPU
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
         "threads": threads,  # per training process

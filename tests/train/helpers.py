@@ -108,8 +108,6 @@ def make_config(out: Path, data: dict[str, Any], overrides: tuple[str, ...] = ()
         "steps": 6,
         "batch_size": 4,
         "cpu": True,
-        # fp32 whatever the CPU ("auto" is bf16 on CPUs with bf16 instructions): these tests compare runs to 1e-5
-        "precision": "no",
     }
     return from_dict(TrainConfig, apply_overrides(TrainConfig, base, overrides))
 

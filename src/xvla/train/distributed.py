@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 import xvla
-from xvla import devices
 from xvla.configio import ConfigError, save_config
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
@@ -40,8 +39,7 @@ warnings.filterwarnings("ignore", message="Grad strides do not match bucket view
 
 
 def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator:
-    """bf16 autocast on GPU and on CPUs with bf16 instructions (fp32 master weights), DDP or FSDP from the
-    launcher's environment.
+    """bf16 autocast on GPU (fp32 master weights), DDP or FSDP from the launcher's environment.
 
     `partial_training`: some parameters are frozen for part of the run; DDP must then skip parameters that
     get no gradient (find_unused_parameters), FSDP must keep original parameters (use_orig_params).
@@ -50,8 +48,8 @@ def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator
     # process trains alone, all writing into one output folder.
     on_cpu = cfg.cpu or not torch.cuda.is_available()
     precision = cfg.precision
-    if precision == "auto":  # bf16 where the hardware computes it (docs/training.md, "Precision")
-        precision = "bf16" if not on_cpu or devices.cpu_has_bf16() else "no"
+    if precision == "auto":  # fp32 on CPU even with bf16 instructions (docs/training.md, "Precision")
+        precision = "no" if on_cpu else "bf16"
     log.info("mixed precision: %s", precision)
     fsdp = None
     if cfg.fsdp:
