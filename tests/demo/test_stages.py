@@ -20,28 +20,24 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
     from xvla.demo import main
 
     out = tmp_path / "demo"
-    assert (
-        main(
-            [
-                "--scale",
-                "smoke",
-                "--out",
-                str(out),
-                "--workers",
-                "1",
-                "--device",
-                "cpu",
-                "--threads",
-                "1",
-                "--train-processes",  # every training stage as two DDP processes (torchrun, gloo)
-                "2",
-                "--no-progress",
-                "--set",
-                "source_weights.rs_panda=3",
-            ]
-        )
-        == 0
-    )
+    args = [
+        "--scale",
+        "smoke",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--train-processes",  # every training stage as two DDP processes (torchrun, gloo)
+        "2",
+        "--no-progress",
+        "--set",
+        "source_weights.rs_panda=3",
+    ]
+    assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == RESULT_KEYS
     cfg = SCALES["smoke"]
@@ -90,6 +86,29 @@ def test_smoke_run_writes_report_results_and_plots(tmp_path: Path) -> None:
     for plot in ("loss_per_source.png", "success_rates.png", "soft_prompts_pca.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     assert list((out / "videos").rglob("*.mp4"))
+
+    # --resume continues the same run: the finished training stages are not trained again, the evaluation of the
+    # same checkpoints gives the same counts
+    trained = {run: (out / run / "history.json").stat().st_mtime_ns for run in stages.TRAINING_FOLDERS}
+    assert main([*args, "--resume"]) == 0
+    assert {
+        run: (out / run / "history.json").stat().st_mtime_ns for run in stages.TRAINING_FOLDERS
+    } == trained
+    again = json.loads((out / "results.json").read_text())
+    for group in ("heldout_eval", "pretrain_eval"):
+        assert {k: v["successes"] for k, v in again[group].items()} == {
+            k: v["successes"] for k, v in results[group].items()
+        }
+
+
+def test_resume_needs_the_run_of_the_same_settings(tmp_path: Path) -> None:
+    cfg = SCALES["smoke"]
+    with pytest.raises(ConfigError, match="holds no demo run to continue"):
+        stages.check_resumable(cfg, tmp_path)
+    (tmp_path / stages.CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
+    stages.check_resumable(cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"other settings \(lr, seed differ\)"):
+        stages.check_resumable(cfg.replace(seed=3, lr=5e-4), tmp_path)
 
 
 def test_skip_generate_without_data_names_the_missing_source(tmp_path: Path) -> None:

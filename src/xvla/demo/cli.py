@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FIELD=VALUE",
         help="override a DemoConfig field, e.g. --set pretrain_steps=2000 (repeatable)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (same settings): training stages from their latest checkpoints",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli)
 
@@ -87,7 +92,7 @@ def _cli(args: argparse.Namespace) -> int:
         skip_generate=args.skip_generate,
         progress=not args.no_progress,
     )
-    run_demo(cfg, rt)
+    run_demo(cfg, rt, resume=args.resume)
     return 0
 
 

@@ -65,15 +65,27 @@ class _Console:
         self.rich.print(*args)
 
 
-def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
-    """Run every stage, write `results.json`, `report.md` and the plots into `rt.out`; returns the results."""
+CONFIG_FILE = "demo_config.json"  # the DemoConfig of the run in an output folder (what `resume` checks)
+TRAINING_FOLDERS = ("pretrain", "adapt", "scratch")
+
+
+def run_demo(cfg: DemoConfig, rt: Runtime, *, resume: bool = False) -> dict[str, Any]:
+    """Run every stage, write `results.json`, `report.md` and the plots into `rt.out`; returns the results.
+
+    `resume`: continue the run of the same DemoConfig in `rt.out`: each training stage from its latest checkpoint
+    (a finished one is not trained again); generation is cached either way, evaluation runs again."""
     import torch
 
     console = _Console()
     out = rt.out
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("pretrain", "adapt", "scratch", "untrained", "eval", "plots", "mixtures"):
-        shutil.rmtree(out / stale, ignore_errors=True)  # products of an earlier run of the demo itself
+    if resume:
+        check_resumable(cfg, out)
+    kept = TRAINING_FOLDERS if resume else ()
+    for stale in (*TRAINING_FOLDERS, "untrained", "eval", "plots", "mixtures"):
+        if stale not in kept:
+            shutil.rmtree(out / stale, ignore_errors=True)  # products of an earlier run of the demo itself
+    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
     if rt.device == "cpu":
         torch.set_num_threads(rt.threads)
     results: dict[str, Any] = {
@@ -112,14 +124,14 @@ def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
         "pretrain",
         f"{cfg.pretrain_steps} steps x batch {cfg.batch_size}, preset {cfg.preset!r} on {rt.device} "
         f"({rt.train_processes} process(es) x {rt.threads} thread(s))",
-        lambda: pretrain(cfg, rt, mixtures),
+        lambda: pretrain(cfg, rt, mixtures, resume=resume),
     )
     results["adapt"] = stage(
         4,
         "adapt",
         f"new domain for {cfg.heldout_name}: {cfg.adapt_prompt_steps} prompt warm-up steps, then "
         f"{cfg.adapt_steps - cfg.adapt_prompt_steps} {cfg.adapt_mode!r} steps",
-        lambda: adapt_heldout(cfg, rt, mixtures, Path(results["pretrain"]["checkpoint"])),
+        lambda: adapt_heldout(cfg, rt, mixtures, Path(results["pretrain"]["checkpoint"]), resume=resume),
     )
     results["data"][cfg.heldout_name]["domain_id"] = results["adapt"]["domain_id"]
     if cfg.scratch_baseline:
@@ -127,7 +139,7 @@ def run_demo(cfg: DemoConfig, rt: Runtime) -> dict[str, Any]:
             4,
             "adapt (scratch baseline)",
             f"a fresh model trained {cfg.adapt_steps} steps on {cfg.heldout_name} only",
-            lambda: train_scratch(cfg, rt, mixtures),
+            lambda: train_scratch(cfg, rt, mixtures, resume=resume),
         )
         results["timing_s"]["adapt"] += results["timing_s"].pop("adapt (scratch baseline)")
     evaluation = stage(
@@ -392,6 +404,22 @@ def train_fresh(
         validate_checkpoints=validate_checkpoints,
     )
     return run_training(tcfg, rt, resume=resume), num_domains
+
+
+def check_resumable(cfg: DemoConfig, out: Path) -> None:
+    """`resume` continues a run only with the DemoConfig that started it (else its checkpoints mean another run)."""
+    from xvla.configio import ConfigError
+
+    path = out / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"--resume: {out} holds no demo run to continue ({CONFIG_FILE} is missing)")
+    earlier, now = json.loads(path.read_text()), json.loads(json.dumps(cfg.to_dict()))
+    changed = sorted(k for k in earlier.keys() | now.keys() if earlier.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume: the run in {out} was made with other settings ({', '.join(changed)} differ); "
+            "resume it with the same --scale, --seed and --set, or choose another --out"
+        )
 
 
 def run_training(cfg: TrainConfig | AdaptConfig, rt: Runtime, *, resume: bool) -> Path:
