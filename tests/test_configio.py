@@ -95,3 +95,10 @@ def test_model_config_loads_typed_and_strict() -> None:
         XVLAConfig.from_dict({**demo.to_dict(), "image_size": "64"})
     with pytest.raises(ValueError, match=r"unknown config key 'XVLAConfig.head.widht'"):
         XVLAConfig.from_dict({"head": {"widht": 3}})
+
+
+def test_changed_fields_names_every_differing_or_missing_key() -> None:
+    from xvla.configio import changed_fields
+
+    assert changed_fields({"a": 1, "b": [1, 2], "c": 3}, {"a": 1, "b": [1, 3], "d": 4}) == ["b", "c", "d"]
+    assert changed_fields({"a": {"x": 1}}, {"a": {"x": 1}}) == []

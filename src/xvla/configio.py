@@ -117,6 +117,12 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The top-level keys whose values differ between two config dicts (present in one only included), sorted:
+    what a refusal to mix two runs names."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def get_dotted(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)

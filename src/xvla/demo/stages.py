@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xvla import devices
+from xvla import configio, devices
 from xvla.demo.config import STAGES, DemoConfig
 from xvla.demo.report import duration, summary_table, write_json, write_report
 from xvla.sim.evaluate import merge_evaluations
@@ -85,7 +85,7 @@ def run_demo(cfg: DemoConfig, rt: Runtime, *, resume: bool = False) -> dict[str,
     for stale in (*TRAINING_FOLDERS, "untrained", "eval", "plots", "mixtures"):
         if stale not in kept:
             shutil.rmtree(out / stale, ignore_errors=True)  # products of an earlier run of the demo itself
-    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    configio.save_config(cfg, out / CONFIG_FILE)
     if rt.device == "cpu":
         torch.set_num_threads(rt.threads)
     results: dict[str, Any] = {
@@ -408,15 +408,14 @@ def train_fresh(
 
 def check_resumable(cfg: DemoConfig, out: Path) -> None:
     """`resume` continues a run only with the DemoConfig that started it (else its checkpoints mean another run)."""
-    from xvla.configio import ConfigError
-
     path = out / CONFIG_FILE
     if not path.exists():
-        raise ConfigError(f"--resume: {out} holds no demo run to continue ({CONFIG_FILE} is missing)")
-    earlier, now = json.loads(path.read_text()), json.loads(json.dumps(cfg.to_dict()))
-    changed = sorted(k for k in earlier.keys() | now.keys() if earlier.get(k) != now.get(k))
+        raise configio.ConfigError(
+            f"--resume: {out} holds no demo run to continue ({CONFIG_FILE} is missing)"
+        )
+    changed = configio.changed_fields(json.loads(path.read_text()), cfg.to_dict())
     if changed:
-        raise ConfigError(
+        raise configio.ConfigError(
             f"--resume: the run in {out} was made with other settings ({', '.join(changed)} differ); "
             "resume it with the same --scale, --seed and --set, or choose another --out"
         )

@@ -225,10 +225,9 @@ def claim(cell: Cell, out: Path) -> None:
             defaults = {**json.loads(json.dumps(DemoConfig().to_dict())), **ADDED_FIELDS}
             found["demo"] = {**{k: v for k, v in defaults.items() if k not in found["demo"]}, **found["demo"]}
         if found != wanted:
-            diffs = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            diffs = configio.changed_fields(found, wanted)
             if "demo" in diffs:
-                old, new = found.get("demo", {}), wanted["demo"]
-                diffs += [f"demo.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                diffs += [f"demo.{k}" for k in configio.changed_fields(found.get("demo", {}), wanted["demo"])]
             raise ValueError(
                 f"cell {cell.key}: {path} holds a cell run with another configuration (differs in "
                 f"{', '.join(diffs)}); choose another --out or remove that folder"
