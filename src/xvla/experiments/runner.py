@@ -222,7 +222,7 @@ def claim(cell: Cell, out: Path) -> None:
         if isinstance(found.get("demo"), dict):
             # A DemoConfig field added after the cell ran is read as the behaviour the cell ran with: its default,
             # or, where the default is not the old behaviour, the value in ADDED_FIELDS.
-            defaults = {**json.loads(json.dumps(DemoConfig().to_dict())), **ADDED_FIELDS}
+            defaults = {**DemoConfig().to_dict(), **ADDED_FIELDS}  # to_dict is already as JSON reads back
             found["demo"] = {**{k: v for k, v in defaults.items() if k not in found["demo"]}, **found["demo"]}
         if found != wanted:
             diffs = configio.changed_fields(found, wanted)
