@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +30,18 @@ def test_device_names_are_checked() -> None:
     assert devices.resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(ValueError, match="--device: expected auto, cpu or cuda, got 'tpu'"):
         devices.resolve_device("tpu")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx2 avx512f avx512_bf16", True),
+        ("fpu avx512f amx_bf16 amx_tile", True),
+        ("fpu avx2 avx512f", False),
+    ],
+)
+def test_bf16_instructions_are_read_from_the_cpu_flags(tmp_path: Path, flags: str, expected: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert devices.cpu_has_bf16(cpuinfo) is expected
+    assert devices.cpu_has_bf16(tmp_path / "missing") is False  # not Linux: fp32

@@ -35,6 +35,21 @@ def cpu_train_processes(batch_size: int, cores: int) -> int:
     return max(p for p in range(1, cores + 1) if p == 1 or (batch_size % p == 0 and batch_size // p >= 8))
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the processor has bf16 dot-product instructions (`avx512_bf16` or `amx_bf16` among the Linux
+    `cpuinfo` flags), where CPU training under bf16 autocast pays: 1.2-1.3x for the demo model
+    (docs/performance.md); without them bf16 is emulated and slower than fp32."""
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_model() -> str:
     """The processor's model name (Linux /proc/cpuinfo), else the architecture."""
     try:
@@ -55,6 +70,7 @@ def machine_info(device: str, threads: int, processes: int) -> dict[str, Any]:
         # The widest SIMD torch uses here: kernels differ across it, and with them float sums, so a run
         # reproduces on machines of the same CPU kind and thread count, not across kinds.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": cpu_has_bf16(),  # precision "auto" trains under bf16 autocast on such a CPU
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
         "threads": threads,  # per training process

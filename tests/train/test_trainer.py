@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from xvla.configio import ConfigError
 from xvla.model.xvla import XVLA
-from xvla.train import checkpointing, run_folder, trainer
+from xvla.train import checkpointing, distributed, run_folder, trainer
 from xvla.train.distributed import make_accelerator, make_loader
 from xvla.train.job import build_job
 from xvla.train.trainer import run, train
@@ -343,6 +343,10 @@ def test_sources_sharing_a_domain_train_and_validate_per_source(tmp_path, datase
     assert set(validation["per_source"]) == {"arc_a", "arc_b"}  # validation runs source by source
 
 
-def test_auto_precision_is_fp32_on_cpu(tmp_path, datasets, fresh_accelerator_state):
+@pytest.mark.parametrize(("bf16_instructions", "expected"), [(False, "no"), (True, "bf16")])
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_instructions(
+    tmp_path, datasets, fresh_accelerator_state, monkeypatch, bf16_instructions, expected
+):
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: bf16_instructions)
     cfg = make_config(tmp_path / "run", mixture(datasets), ("precision=auto",))
-    assert make_accelerator(cfg, partial_training=False).mixed_precision == "no"
+    assert make_accelerator(cfg, partial_training=False).mixed_precision == expected

@@ -76,9 +76,9 @@ class DemoConfig:
     # pre-training tasks (Panda 13/20 vs 0/20); at 5e-4 the loss was still falling at the last step.
     lr: float = 1e-3
     warmup_steps: int = 50
-    # TrainConfig.precision of every training run ("auto": bf16 autocast on GPU, fp32 on CPU). "bf16" on a CPU with
-    # bf16 instructions pre-trains 1.2x faster, but lost 17 of 180 robosuite Lift episodes over three seeds
-    # (docs/demo.md, item 36).
+    # TrainConfig.precision of every training run ("auto": bf16 autocast on GPU and on a CPU with bf16
+    # instructions, else fp32). On such a CPU bf16 pre-trains 1.2-1.3x faster; with the action's input and output
+    # layers kept in fp32 it matches fp32 in closed loop (docs/demo.md, item 40; without that, item 36).
     precision: Literal["auto", "no", "bf16"] = "auto"
     ema_decay: float | None = None  # serve an exponential moving average of the weights (None: the raw ones)
     # The authors train the VLM and prompts at 0.1x because their VLM is pre-trained and their run is 200k

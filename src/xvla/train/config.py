@@ -103,7 +103,8 @@ class TrainConfig:
     steps: int = 10_000  # optimiser steps
     batch_size: int = 16  # per process, per micro-batch
     grad_accum: int = 1
-    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    # auto = bf16 on GPU and on a CPU with bf16 instructions (devices.cpu_has_bf16), else fp32
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False  # force CPU even when a GPU is visible
     fsdp: bool = False  # shard weights/grads/optimiser state (FULL_SHARD) instead of DDP
     seed: int = 0

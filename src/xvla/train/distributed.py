@@ -26,6 +26,7 @@ from xvla.configio import ConfigError, save_config
 from xvla.data.mixture import MixtureDataset
 from xvla.data.sources import Mixture
 from xvla.data.transforms import ObservationTransform, collate
+from xvla.devices import cpu_has_bf16
 from xvla.model.fast.training import LAYER_CLASSES  # the repeated layers: FSDP units
 from xvla.processes import run_process_group
 from xvla.train.checkpointing import checkpoint_path
@@ -48,8 +49,8 @@ def make_accelerator(cfg: TrainConfig, *, partial_training: bool) -> Accelerator
     # process trains alone, all writing into one output folder.
     on_cpu = cfg.cpu or not torch.cuda.is_available()
     precision = cfg.precision
-    if precision == "auto":  # fp32 on CPU even with bf16 instructions (docs/training.md, "Precision")
-        precision = "no" if on_cpu else "bf16"
+    if precision == "auto":  # on CPU bf16 only with bf16 instructions (docs/training.md, "Precision")
+        precision = "bf16" if not on_cpu or cpu_has_bf16() else "no"
     log.info("mixed precision: %s", precision)
     fsdp = None
     if cfg.fsdp:
