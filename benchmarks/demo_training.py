@@ -12,18 +12,18 @@ ratio of medians is the speed-up. Prints a table and writes benchmarks/results/d
 
 Variants (`VARIANTS`):
 - `previous`: the demo scale before issue #12: DaViT ending in a 2x2 grid, dropout 0.1 everywhere, exact GELU in
-  the encoders and tanh GELU in the head, 24 text tokens, batch 16, per-tensor AdamW, one torch thread (the old "idle cores" rule on a
+  the encoders and tanh GELU in the head, 24 text tokens, fp32, batch 16, per-tensor AdamW, one torch thread (the old "idle cores" rule on a
   machine that just finished generating), every frame decoded from video at every draw. (The episode cache is the
   current one: the old 32-episode cap is no longer an option, so the ratio slightly understates the gain.)
-- `one_process`: `DemoConfig()` as it is (2x2 grid, no dropout, exact GELU, 16 text tokens, batch 32, fused
-  AdamW), decoded-frame cache (filled before the first step, so the rate is the steady one), one process using
-  every core: the demo's training before it went data-parallel on CPU.
-- `current`: the same as the demo trains it now: one process per core (`devices.cpu_train_processes`; DDP over
-  gloo), the cores divided among them as threads, each with its share of the batch (the global batch and the
-  recipe are unchanged) and its own frame cache.
-- `bf16`: `current` with bf16 autocast (`DemoConfig.precision`; fp32 master weights, attention kept in fp32:
-  `xvla.model.transformer.fp32_under_cpu_autocast`). Pays where the CPU has native bf16 dot products
-  (AVX512-BF16, AMX).
+- `one_process`: `DemoConfig()`'s model and recipe (2x2 grid, no dropout, exact GELU, 16 text tokens, batch 32,
+  fused AdamW) in fp32, decoded-frame cache (filled before the first step, so the rate is the steady one), one
+  process using every core: the demo's training before it went data-parallel on CPU.
+- `fp32`: one process per core (`devices.cpu_train_processes`; DDP over gloo), the cores divided among them as
+  threads, each with its share of the batch (the global batch and the recipe are unchanged) and its own frame
+  cache, in fp32: the demo's training on a CPU without bf16 instructions.
+- `current`: `DemoConfig()` as the demo trains it: `fp32` with precision `auto`, i.e. bf16 autocast where the CPU
+  has bf16 dot products (`avx512_bf16`, `amx_bf16`; fp32 master weights, the attention and the action's input and
+  output layers kept in fp32), else the same as `fp32`.
 
 Every variant trains the same steps from the same seed; `loss` is the mean logged training loss over the second
 half of the steps, so a variant that is faster per sample but learns less per sample shows it.
@@ -72,15 +72,16 @@ VARIANTS: dict[str, Variant] = {
                 "head.activation": "gelu_pytorch_tanh",
                 "max_text_len": 24,
             },
+            "precision": "no",
         },
         threads=1,
         cache_gib=0.0,
         fused=False,
         processes=1,
     ),
-    "one_process": Variant({}, threads=None, cache_gib=1.0, fused=True, processes=1),
+    "one_process": Variant({"precision": "no"}, threads=None, cache_gib=1.0, fused=True, processes=1),
+    "fp32": Variant({"precision": "no"}, threads=None, cache_gib=1.0, fused=True, processes=None),
     "current": Variant({}, threads=None, cache_gib=1.0, fused=True, processes=None),
-    "bf16": Variant({"precision": "bf16"}, threads=None, cache_gib=1.0, fused=True, processes=None),
 }
 
 

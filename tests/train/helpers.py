@@ -108,6 +108,9 @@ def make_config(out: Path, data: dict[str, Any], overrides: tuple[str, ...] = ()
         "steps": 6,
         "batch_size": 4,
         "cpu": True,
+        # fp32 on every CPU: tests compare runs up to float summation order, which bf16 (precision "auto" on a CPU
+        # with bf16 instructions) would swamp; the precision tests set it themselves
+        "precision": "no",
     }
     return from_dict(TrainConfig, apply_overrides(TrainConfig, base, overrides))
 

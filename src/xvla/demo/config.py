@@ -68,9 +68,10 @@ class DemoConfig:
     # training-time image augmentation (`xvla.data.transforms.Augment` fields)
     augment: dict[str, Any] = field(default_factory=lambda: {"color_jitter": True, "shift_px": 0})
     # -- pre-training
-    # 2400 measured against 1200 in closed loop (docs/demo.md, item 21): 74/120 and 79/120 on the pre-training tasks
-    # over two seeds against 66/120 and 66/120 (SO-100 9/20 and 5/20 against 0/20); about 21 minutes from nothing.
-    pretrain_steps: int = 2400
+    # 3600 measured against 2400 (docs/demo.md, item 41; bf16 on a CPU with bf16 instructions, item 40): 269/360
+    # against 252/360 on the pre-training tasks over three seeds, every robosuite arm and Sawyer >= 60% on every
+    # seed; about 23.5 minutes from nothing on the AMD EPYC (AVX512-BF16). 2400 against 1200: item 21.
+    pretrain_steps: int = 3600
     batch_size: int = 32
     # 1e-3 measured against 5e-4 in closed loop (docs/demo.md): the default run reached 54/120 vs 42/120 on the
     # pre-training tasks (Panda 13/20 vs 0/20); at 5e-4 the loss was still falling at the last step.
@@ -125,14 +126,13 @@ class DemoConfig:
     # -- expected seconds per stage on the reference machine (2 CPU cores); the report compares
     budget_s: dict[str, float] = field(
         default_factory=lambda: {
-            # the default scale's stages on 2 cores (Intel Xeon, 7 December 2026, second session: the three seeds
-            # of docs/demo.md, Measured; generation from nothing as measured before); the AMD EPYC of 3 December
-            # trains about 1.8x slower
-            "generate": 210.0,
+            # the default scale's stages on 2 cores (AMD EPYC with AVX512-BF16, 8 December 2026, eighth session:
+            # the three seeds of docs/demo.md, Measured; generation from nothing as measured there on 7 December)
+            "generate": 285.0,
             "oracle": 10.0,
-            "pretrain": 465.0,
-            "adapt": 160.0,
-            "evaluate": 160.0,
+            "pretrain": 730.0,
+            "adapt": 170.0,
+            "evaluate": 180.0,
             "report": 5.0,
         }
     )
