@@ -166,9 +166,8 @@ def test_action_layers_run_in_fp32_under_bf16_autocast() -> None:
         rounded = plain(x, domain_id)
     assert kept.dtype == torch.float32
     torch.testing.assert_close(kept, exact)  # the same computation as without autocast
-    assert not torch.allclose(
-        rounded.float(), exact, atol=1e-4
-    )  # bf16 matmul (+ fp32 bias): what the flag avoids
+    # without the flag the matmul runs in bf16 (the fp32 bias promotes the sum): what the flag avoids
+    assert not torch.allclose(rounded.float(), exact, atol=1e-4)
     bf16_model = DomainAwareLinear(D, A, 3, fp32_under_autocast=True).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # 16-bit weights (the fast sampler) are cast up
         assert bf16_model(x.bfloat16(), domain_id).dtype == torch.float32

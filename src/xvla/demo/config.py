@@ -70,7 +70,7 @@ class DemoConfig:
     # -- pre-training
     # 3600 measured against 2400 (docs/demo.md, item 41; bf16 on a CPU with bf16 instructions, item 40): 269/360
     # against 252/360 on the pre-training tasks over three seeds, every robosuite arm and Sawyer >= 60% on every
-    # seed; about 23.5 minutes from nothing on the AMD EPYC (AVX512-BF16). 2400 against 1200: item 21.
+    # seed; 22:18 from nothing on the AMD EPYC (AVX512-BF16). 2400 against 1200: item 21.
     pretrain_steps: int = 3600
     batch_size: int = 32
     # 1e-3 measured against 5e-4 in closed loop (docs/demo.md): the default run reached 54/120 vs 42/120 on the
